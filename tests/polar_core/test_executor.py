@@ -1,0 +1,204 @@
+"""The executor's invariants (DESIGN.md): identity == the unmodified model, a KV
+slot per step, per-row programs in one batch, reentrancy, clear errors."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from tiny import FAMILIES, build_tiny
+
+from polar_core.adapter import UnsupportedModelError, get_adapter
+from polar_core.executor import (
+    PromptError,
+    Sampling,
+    forward_logits,
+    generate,
+    pad_left,
+    prefill,
+    resolve_programs,
+)
+from polar_core.program import Program, ProgramError
+
+# Two left-padded rows; 9 + 16 tokens cross the tiny sliding window (5).
+ROWS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4, 5, 6, 7]]
+LOOPS = ["0-1, 2x3, 3", "0-3, 2-3", "0, 1-2x2, 3"]
+
+
+def _batch(rows=ROWS):
+    return pad_left(rows, pad_id=0, device="cpu")
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_program_equals_model_forward(family):
+    lm = build_tiny(family)
+    batch = _batch()
+    with torch.no_grad():
+        ref = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    ours = forward_logits(lm, batch, resolve_programs(lm, None, 2))
+    real = batch.attention_mask.bool()  # padded positions are garbage in both
+    assert _relative_error(ours[real], ref[real]) < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_program_equals_model_generate(family):
+    lm = build_tiny(family)
+    batch = _batch()
+    with torch.no_grad():
+        ref = lm.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    traces = generate(lm, batch, None, max_new_tokens=32, stop_at_eos=False)
+    width = batch.input_ids.shape[1]
+    for row, trace in enumerate(traces):
+        assert trace.token_ids == ref[row, width:].tolist()
+        assert trace.finish_reason == "length"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "mistral"])
+@pytest.mark.parametrize("text", LOOPS)
+def test_cached_generation_equals_recomputation_with_loops(family, text):
+    """Guards the reference implementation's bug: a looped layer appending its
+    keys twice into one cache slot makes cached decoding diverge."""
+    lm = build_tiny(family)
+    program = Program.parse(text, lm.num_layers)
+    assert program.num_steps > lm.num_layers or len(set(program.path)) < program.num_steps
+    cached = generate(lm, _batch(), program, max_new_tokens=16, stop_at_eos=False)
+    recomputed = generate(lm, _batch(), program, max_new_tokens=16, stop_at_eos=False, use_cache=False)
+    for a, b in zip(cached, recomputed):
+        assert a.token_ids == b.token_ids
+
+
+def test_loop_steps_get_their_own_cache_slots(tiny_llama):
+    program = Program.parse("0-3, 2-3", tiny_llama.num_layers)
+    batch = _batch()
+    pre = prefill(tiny_llama, batch, [program, program], cache_capacity=batch.input_ids.shape[1] + 1)
+    assert sorted(pre.cache._slots) == list(range(program.num_steps))
+    assert pre.cache.length == batch.input_ids.shape[1]
+    # The two visits of layer 2 see different inputs, so their keys differ.
+    k_first, k_second = pre.cache._slots[2][0], pre.cache._slots[4][0]
+    assert not torch.allclose(k_first, k_second)
+
+
+def test_batch_of_different_programs_equals_each_alone(tiny_llama):
+    texts = ["0-3", "0-1, 3", "0-3, 2-3", "3, 2, 1, 0"]
+    programs = [Program.parse(t, tiny_llama.num_layers) for t in texts]
+    rows = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5], [9, 8, 7, 6, 5], [4, 4, 4, 4, 4, 4, 4, 4]]
+    together = generate(tiny_llama, _batch(rows), programs, max_new_tokens=12, stop_at_eos=False, capture="last")
+    for row, program in enumerate(programs):
+        alone = generate(tiny_llama, _batch([rows[row]]), program, max_new_tokens=12, stop_at_eos=False, capture="last")[0]
+        assert together[row].token_ids == alone.token_ids
+        torch.testing.assert_close(together[row].final_logits, alone.final_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together[row].step_hidden, alone.step_hidden, rtol=1e-4, atol=1e-5)
+
+
+def test_threads_with_different_programs_equal_serial_results(tiny_llama):
+    programs = [Program.parse(t, tiny_llama.num_layers) for t in ["0-3", "0-1", "0-3x2", "1-3, 1-3"]]
+    serial = [generate(tiny_llama, _batch(), p, max_new_tokens=10, stop_at_eos=False) for p in programs]
+    results: dict[int, list] = {}
+    errors = []
+
+    def worker(i: int):
+        try:
+            for _ in range(3):  # repeat so runs overlap
+                results[i] = generate(tiny_llama, _batch(), programs[i], max_new_tokens=10, stop_at_eos=False)
+        except Exception as exc:  # surfaced below; a thread would swallow it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(programs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, expected in enumerate(serial):
+        assert [t.token_ids for t in results[i]] == [t.token_ids for t in expected]
+
+
+def test_no_program_state_is_left_on_the_model(tiny_llama):
+    before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
+    attrs_before = set(vars(tiny_llama.model))
+    generate(tiny_llama, _batch(), Program.parse("0-3x2", 4), max_new_tokens=4)
+    assert set(vars(tiny_llama.model)) == attrs_before
+    for k, v in tiny_llama.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_captured_hidden_states_shapes_and_last_step(tiny_llama):
+    program = Program.parse("0-1, 1, 3", 4)
+    batch = _batch()
+    last = generate(tiny_llama, batch, program, max_new_tokens=1, capture="last")
+    full = generate(tiny_llama, batch, program, max_new_tokens=1, capture="all")
+    for row, length in enumerate(batch.lengths):
+        assert last[row].step_hidden.shape == (program.num_steps + 1, 32)
+        assert full[row].step_hidden.shape == (program.num_steps + 1, length, 32)
+        torch.testing.assert_close(full[row].step_hidden[:, -1], last[row].step_hidden)
+        # The final logits are the norm + head of the last captured state.
+        expected = tiny_llama.adapter.logits(last[row].step_hidden[-1]).float()
+        torch.testing.assert_close(last[row].final_logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_skip_changes_the_result(tiny_llama):
+    full = generate(tiny_llama, _batch(), None, max_new_tokens=1, capture="last")
+    short = generate(tiny_llama, _batch(), Program.skip(4, 1, 2), max_new_tokens=1, capture="last")
+    assert short[0].layers_per_token == 2 and full[0].layers_per_token == 4
+    assert not torch.allclose(full[0].final_logits, short[0].final_logits)
+
+
+def test_seeded_sampling_is_reproducible(tiny_llama):
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=123)
+    a = generate(tiny_llama, _batch(), None, max_new_tokens=12, sampling=sampling, stop_at_eos=False)
+    b = generate(tiny_llama, _batch(), None, max_new_tokens=12, sampling=sampling, stop_at_eos=False)
+    other = generate(tiny_llama, _batch(), None, max_new_tokens=12, sampling=Sampling(1.0, seed=7), stop_at_eos=False)
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+    assert [t.token_ids for t in a] != [t.token_ids for t in other]
+
+
+def test_generation_stops_at_eos(tiny_llama):
+    batch = _batch()
+    greedy = generate(tiny_llama, batch, None, max_new_tokens=6, stop_at_eos=False)
+    first = greedy[0].token_ids[0]
+    # Declare the first greedy token an end-of-sequence token: generation stops before it.
+    lm = tiny_llama
+    original = lm.model.generation_config.eos_token_id
+    lm.model.generation_config.eos_token_id = first
+    try:
+        stopped = generate(lm, batch, None, max_new_tokens=6)
+    finally:
+        lm.model.generation_config.eos_token_id = original
+    assert stopped[0].token_ids == [] and stopped[0].finish_reason == "eos"
+
+
+@pytest.mark.parametrize(
+    "programs, message",
+    [
+        ([Program.full(3)], "3-layer model"),
+        ([Program.full(4)] * 3, "3 programs for 2 prompts"),
+        (["0-3"], "expected a Program"),
+    ],
+)
+def test_wrong_programs_raise_one_clear_error(tiny_llama, programs, message):
+    with pytest.raises(ProgramError, match=message):
+        generate(tiny_llama, _batch(), programs if len(programs) != 1 else programs * 2, max_new_tokens=1)
+
+
+def test_empty_prompt_rows_are_rejected():
+    with pytest.raises(PromptError):
+        pad_left([[1, 2], []], 0, "cpu")
+
+
+def test_unsupported_family_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        get_adapter(model)

@@ -1,0 +1,60 @@
+"""Tiny random models of every supported family, built from configs (no downloads)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(family: str):
+    """A tiny random config of a supported family; sliding windows are small
+    (5) so that test sequences cross them."""
+    import transformers as tf
+
+    head = dict(head_dim=8)
+    gemma = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=5)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**TINY),
+        "mistral": lambda: tf.MistralConfig(**TINY, sliding_window=5),
+        "qwen2": lambda: tf.Qwen2Config(**TINY),
+        "qwen3": lambda: tf.Qwen3Config(**TINY, **head),
+        "gemma2": lambda: tf.Gemma2Config(**TINY, **gemma, final_logit_softcapping=30.0),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(
+            **TINY, **gemma, layer_types=["sliding_attention", "full_attention"] * 2
+        ),
+        "phi3": lambda: tf.Phi3Config(**TINY),
+    }
+    return configs[family]()
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+
+@functools.lru_cache(maxsize=None)
+def build_tiny(family: str = "llama", seed: int = 0):
+    """A LoadedModel wrapping a tiny random model of `family` (no tokenizer).
+
+    Cached: models are read-only to the executor, so tests can share them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from polar_core.models import from_model
+
+    config = tiny_config(family)
+    torch.manual_seed(seed)
+    impl = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl)
+    return from_model(model, name=f"tiny-{family}")
