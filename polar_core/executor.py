@@ -116,7 +116,7 @@ def _schedule(paths: Sequence[tuple[int, ...]], device: torch.device) -> list[li
 
 
 @dataclass
-class _Positions:
+class Positions:
     """Masks and rotary embeddings for one forward call, per attention type."""
 
     position_ids: torch.Tensor  # (B, t)
@@ -145,7 +145,7 @@ def _additive_mask(
     return mask[:, None]
 
 
-def _positions(adapter: Adapter, hidden: torch.Tensor, key_mask: torch.Tensor, q_start: int) -> _Positions:
+def make_positions(adapter: Adapter, hidden: torch.Tensor, key_mask: torch.Tensor, q_start: int) -> Positions:
     batch, q_len, _ = hidden.shape
     # Left padding: a row's first real token is position 0, as in `generate`.
     all_positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
@@ -159,7 +159,7 @@ def _positions(adapter: Adapter, hidden: torch.Tensor, key_mask: torch.Tensor, q
             masks[layer_type] = None  # one new token may attend to everything cached
         else:
             masks[layer_type] = _additive_mask(key_mask, q_start, q_len, window, hidden.dtype)
-    return _Positions(position_ids, masks, adapter.position_embeddings(hidden, position_ids))
+    return Positions(position_ids, masks, adapter.position_embeddings(hidden, position_ids))
 
 
 def _take(x, rows):
@@ -167,7 +167,7 @@ def _take(x, rows):
 
 
 def apply_layer(
-    adapter: Adapter, layer: int, hidden: torch.Tensor, pos: _Positions, rows=None, cache_view=None
+    adapter: Adapter, layer: int, hidden: torch.Tensor, pos: Positions, rows=None, cache_view=None
 ) -> torch.Tensor:
     """Run decoder layer `layer` on hidden (b, t, d) for the given rows of the batch."""
     layer_type = adapter.layer_types[layer]
@@ -187,7 +187,7 @@ def _run_steps(
     adapter: Adapter,
     schedule,
     hidden: torch.Tensor,
-    pos: _Positions,
+    pos: Positions,
     cache: StepCache | None,
     capture: str | None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -332,7 +332,7 @@ def prefill(
     adapter = lm.adapter
     paths = [p.path for p in programs]
     hidden = adapter.embed(batch.input_ids)  # (B, T, d)
-    pos = _positions(adapter, hidden, batch.attention_mask, 0)
+    pos = make_positions(adapter, hidden, batch.attention_mask, 0)
     cache = StepCache(cache_capacity) if cache_capacity else None
     first = hidden[:, -1].clone() if capture == "last" else hidden.clone()
     hidden, snapshots = _run_steps(adapter, _schedule(paths, hidden.device), hidden, pos, cache, capture)
@@ -357,7 +357,7 @@ def forward_logits(lm: LoadedModel, batch: EncodedBatch, programs: Sequence[Prog
     """
     adapter = lm.adapter
     hidden = adapter.embed(batch.input_ids)
-    pos = _positions(adapter, hidden, batch.attention_mask, 0)
+    pos = make_positions(adapter, hidden, batch.attention_mask, 0)
     hidden, _ = _run_steps(adapter, _schedule([p.path for p in programs], hidden.device), hidden, pos, None, None)
     return adapter.logits(hidden).float()
 
@@ -367,7 +367,7 @@ def decode_step(lm: LoadedModel, tokens: torch.Tensor, key_mask: torch.Tensor, p
     """Feed one new token per row (B,) through the cached programs; next-token logits (B, V)."""
     adapter = lm.adapter
     hidden = adapter.embed(tokens[:, None])  # (B, 1, d)
-    pos = _positions(adapter, hidden, key_mask, cache.length)
+    pos = make_positions(adapter, hidden, key_mask, cache.length)
     hidden, _ = _run_steps(adapter, _schedule([p.path for p in programs], hidden.device), hidden, pos, cache, None)
     return adapter.logits(hidden[:, -1]).float()
 
