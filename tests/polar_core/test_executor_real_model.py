@@ -1,0 +1,49 @@
+"""Invariant 1 on the real default model: the identity program is the model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polar_core.executor import encode_prompts, forward_logits, generate, resolve_programs
+from polar_core.program import Program
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["What is the capital of France?", "Name three colours of the rainbow, please."]
+
+
+def test_identity_logits_equal_model_forward(real_lm):
+    batch = encode_prompts(real_lm, PROMPTS)  # left-padded, chat template
+    with torch.no_grad():
+        ref = real_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    ours = forward_logits(real_lm, batch, resolve_programs(real_lm, None, len(PROMPTS)))
+    real = batch.attention_mask.bool()
+    error = ((ours[real] - ref[real]).abs().max() / ref[real].abs().max()).item()
+    assert error < 1e-4
+
+
+def test_identity_generation_equals_model_generate(real_lm):
+    # A prompt whose answer is longer than 32 tokens, so no EOS cuts the comparison short.
+    batch = encode_prompts(real_lm, ["Write a short story about a cat who learns to swim."])
+    with torch.no_grad():
+        ref = real_lm.model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=32, do_sample=False
+        )
+    trace = generate(real_lm, batch, None, max_new_tokens=32)[0]
+    assert trace.token_ids == ref[0, batch.input_ids.shape[1] :].tolist()
+    assert len(trace.token_ids) == 32
+
+
+def test_loop_program_cached_equals_recomputed_on_real_model(real_lm):
+    program = Program.parse("0-9, 10-13x2, 14-29", real_lm.num_layers)
+    cached = generate(real_lm, PROMPTS[:1], program, max_new_tokens=12, stop_at_eos=False)[0]
+    recomputed = generate(real_lm, PROMPTS[:1], program, max_new_tokens=12, stop_at_eos=False, use_cache=False)[0]
+    assert cached.token_ids == recomputed.token_ids
+
+
+def test_default_model_answers_and_a_short_program_changes_it(real_lm):
+    full = generate(real_lm, PROMPTS[:1], None, max_new_tokens=12)[0]
+    assert "Paris" in full.text
+    broken = generate(real_lm, PROMPTS[:1], Program.early_exit(real_lm.num_layers, 14), max_new_tokens=12)[0]
+    assert broken.layers_per_token == 15
+    assert broken.token_ids != full.token_ids
