@@ -483,9 +483,10 @@ def generate(
     started = time.perf_counter()
     decoder = _Decoder(lm, batch, programs, pre, stop_strings, stop_at_eos, use_cache)
     logits = pre.logits
-    for _ in range(max_new_tokens):
-        if decoder.push(_choose(logits, sampling, generator)):
-            break
+    for step in range(max_new_tokens):
+        finished = decoder.push(_choose(logits, sampling, generator))
+        if finished or step == max_new_tokens - 1:
+            break  # no forward pass for a token nobody will read
         logits = decoder.next_logits()
     decode_seconds = time.perf_counter() - started
 
