@@ -15,7 +15,7 @@ its own slot, whatever layer runs there.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -380,7 +380,7 @@ class Trace:
     prompt_ids: list[int]
     token_ids: list[int]  # generated tokens, without the stop token
     text: str
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "time" | "cancelled"
     final_logits: torch.Tensor  # (V,) next-token logits at the last prompt token
     step_hidden: torch.Tensor | None = None  # (K+1, d) or (K+1, T, d); row 0 = embeddings
     prefill_seconds: float = 0.0
@@ -445,6 +445,8 @@ def generate(
     capture: str | None = None,
     use_cache: bool = True,
     max_prompt_tokens: int | None = None,
+    time_limit_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Trace]:
     """Generate under a program per prompt (or one program for all; None = full).
 
@@ -460,6 +462,10 @@ def generate(
             or "all" (every prompt token).
         use_cache: False recomputes the whole sequence for every new token (the
             slow reference the cached path is tested against).
+        time_limit_s: stop decoding after this much wall time; unfinished rows
+            end with finish_reason "time".
+        should_stop: polled between tokens; True ends decoding early the same
+            way (finish_reason "cancelled"), e.g. when a web request is cancelled.
     Returns:
         One Trace per prompt, in order.
     """
@@ -487,6 +493,12 @@ def generate(
         finished = decoder.push(_choose(logits, sampling, generator))
         if finished or step == max_new_tokens - 1:
             break  # no forward pass for a token nobody will read
+        if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
+            decoder.interrupt("time")
+            break
+        if should_stop is not None and should_stop():
+            decoder.interrupt("cancelled")
+            break
         logits = decoder.next_logits()
     decode_seconds = time.perf_counter() - started
 
@@ -540,6 +552,10 @@ class _Decoder:
         self.ids = torch.cat([self.ids, feed[:, None]], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(feed)[:, None]], dim=1)
         return all(r is not None for r in self.reasons)
+
+    def interrupt(self, reason: str) -> None:
+        """End every unfinished row with `reason`."""
+        self.reasons = [r or reason for r in self.reasons]
 
     def _hit_stop(self, row: int) -> bool:
         text = self.lm.tokenizer.decode(self.tokens[row][-8:], skip_special_tokens=True)

@@ -202,3 +202,16 @@ def test_unsupported_family_is_named():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10))
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         get_adapter(model)
+
+
+def test_time_limit_and_cancellation_end_generation_cleanly(tiny_llama):
+    timed = generate(tiny_llama, _batch(), None, max_new_tokens=50, stop_at_eos=False, time_limit_s=0.0)
+    assert all(t.finish_reason == "time" and len(t.token_ids) == 1 for t in timed)
+    polls = []
+    cancelled = generate(
+        tiny_llama, _batch(), None, max_new_tokens=50, stop_at_eos=False, should_stop=lambda: polls.append(1) or len(polls) >= 3
+    )
+    assert all(t.finish_reason == "cancelled" and len(t.token_ids) == 3 for t in cancelled)
+    # The model is unharmed: the next request equals a fresh one.
+    again = generate(tiny_llama, _batch(), None, max_new_tokens=5, stop_at_eos=False)
+    assert [t.token_ids for t in again] == [t.token_ids[:5] for t in generate(tiny_llama, _batch(), None, max_new_tokens=5, stop_at_eos=False)]
