@@ -59,20 +59,21 @@ class Limits:
         return self.max_steps_per_layer * num_layers
 
     def check_new_tokens(self, n: int) -> int:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise LimitError(f"new tokens must be a positive whole number, got {n!r}")
-        if n > self.max_new_tokens:
-            raise LimitError(f"{n} new tokens requested; the limit is {self.max_new_tokens}")
-        return n
+        return _check_count(n, self.max_new_tokens, "new tokens")
 
     def check_search_budget(self, n: int) -> int:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise LimitError(f"search budget must be a positive whole number, got {n!r}")
-        if n > self.max_search_budget:
-            raise LimitError(f"search budget {n} exceeds the limit of {self.max_search_budget}")
-        return n
+        return _check_count(n, self.max_search_budget, "search budget")
 
     def check_upload(self, data: bytes | str) -> None:
         size = len(data.encode() if isinstance(data, str) else data)
         if size > self.max_upload_bytes:
             raise LimitError(f"upload is {size} bytes; the limit is {self.max_upload_bytes}")
+
+
+def _check_count(n, limit: int, what: str) -> int:
+    """A positive whole number no larger than `limit` (bools and floats are refused)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise LimitError(f"{what} must be a positive whole number, got {n!r}")
+    if n > limit:
+        raise LimitError(f"{what}: {n} requested; the limit is {limit}")
+    return n

@@ -20,7 +20,7 @@ def test_checks_name_the_limit():
     for bad in (0, -1, 2.5, True, "3"):
         with pytest.raises(LimitError):
             limits.check_new_tokens(bad)
-    with pytest.raises(LimitError, match="limit of 10"):
+    with pytest.raises(LimitError, match="limit is 10"):
         limits.check_search_budget(11)
     with pytest.raises(LimitError, match="5 bytes"):
         limits.check_upload("abcde")
