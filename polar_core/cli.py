@@ -47,6 +47,201 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lens(args: argparse.Namespace) -> int:
+    """Logit lens of a prompt under a program: per step, the top-1 token and the answer token's rank."""
+    from polar_core.analysis import analyze
+    from polar_core.executor import generate
+    from polar_core.models import load_model
+    from polar_core.program import Program
+
+    lm = load_model(args.model, device=args.device)
+    program = Program.parse(args.program, lm.num_layers)
+    full = Program.full(lm.num_layers)
+    run = dict(max_new_tokens=args.max_new_tokens, chat=not args.plain, capture="last",
+               stop_strings=("\n",) if args.plain else ())
+    base = generate(lm, [args.prompt], full, **run)[0]
+    trace = base if program.is_full else generate(lm, [args.prompt], program, **run)[0]
+    result = analyze(lm, trace, base, expected=args.expected or None, k=args.k)
+    print(f"program [{program.format()}]: {program.num_steps} steps; answer: {trace.text.strip()!r}")
+    if not program.is_full:
+        print(f"full program answer: {base.text.strip()!r}")
+    lens, tracks = result.lens, result.lens.tracks
+    for name, t in tracks.items():
+        what = "first token of the program's answer" if name == "answer" else "first token of the expected answer"
+        print(f"{name} token: {t.token!r} ({what})")
+    header = f"{'step':>4} {'layer':>5}  {'top-1':<16} {'p':>6}"
+    header += "".join(f"  {name + ' rank':>15} {name + ' p':>11}" for name in tracks)
+    print(header)
+    for i, layer in enumerate(program.path):
+        line = f"{i + 1:>4} {layer:>5}  {lens.top_tokens[i][0]!r:<16} {lens.top_probs[i, 0].item():>6.3f}"
+        line += "".join(f"  {t.rank[i].item():>15} {t.prob[i].item():>11.3f}" for t in tracks.values())
+        print(line)
+    for name, t in tracks.items():
+        stays = f"step {t.top1_from} (layer {program.path[t.top1_from - 1]})" if t.top1_from else "never"
+        first = f"step {t.first_top1} (layer {program.path[t.first_top1 - 1]})" if t.first_top1 else "never"
+        print(f"{name} token {t.token!r}: first top-1 at {first}; top-1 for good from {stays}")
+    if result.expected is not None:
+        print(f"expected {result.expected!r} met: {result.expected_met} (full program: {result.baseline_expected_met})")
+    return 0
+
+
+def _cmd_redundancy(args: argparse.Namespace) -> int:
+    """Measure per-layer block influence and Gromov distances over task prompts; write JSON."""
+    import shlex
+
+    from polar_core import tasks
+    from polar_core.analysis import measure_redundancy, save_redundancy
+    from polar_core.models import load_model
+
+    lm = load_model(args.model, device=args.device)
+    families = args.families.split(",") if args.families else list(tasks.FAMILIES)
+    per_family = -(-args.prompts // len(families))  # ceil: an even spread over families
+    items = [it for f in families for it in tasks.sample_items(f, per_family, args.split)]
+    items = items[: args.prompts]
+    prompts = [tasks.build_prompt(it, shots=args.shots) for it in items]
+    meta = {
+        "command": "python -m polar_core " + shlex.join(args.argv),
+        "prompt_source": f"polar_core.tasks {args.split} split, few-shot Q/A prompts, no chat template",
+        "shots": args.shots,
+        "families": families,
+        "item_ids": [it.id for it in items],
+        "token_position": "block_influence: mean over every prompt token; angular_distance and "
+                          "block_influence_last: last prompt token",
+    }
+    red = measure_redundancy(lm, prompts, chat=False, meta=meta)
+    save_redundancy(red, args.out)
+    order = red.to_dict()["shortgpt_order"]
+    print(f"{lm.name}: {red.num_prompts} prompts, {red.num_layers} layers -> {args.out}")
+    print(f"lowest block influence (ShortGPT drop order): {order[:8]}")
+    for n in (1, 2, 4, 8):
+        if n < red.num_layers:
+            l = red.most_redundant_block(n)
+            print(f"most redundant block of {n}: layers {l}-{l + n - 1} (d = {red.angular_distance[n - 1, l]:.3f})")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train a router on a supervision file and save it (config.json + model.safetensors)."""
+    import dataclasses
+
+    from polar_core.models import load_model
+    from polar_core.router import RouterConfig, train_router
+    from polar_core.supervision import load_supervision
+
+    lm = load_model(args.model, device=args.device)
+    samples = load_supervision(args.supervision, lm.num_layers)
+    if args.exclude_family:
+        from polar_core.tasks import load_suite
+
+        family = {it.question: it.family for it in load_suite()}
+        samples = [s for s in samples if family.get(s.question) != args.exclude_family]
+    config = dataclasses.replace(RouterConfig.for_model(lm), feature_layer=args.feature_layer)
+    router = train_router(lm, samples, config, epochs=args.epochs, seed=args.seed, lr=args.lr)
+    out = router.save(args.out)
+    losses = router.loss_history
+    import json
+    import shlex
+
+    # Provenance beside the checkpoint; load_router reads only config.json and the weights.
+    (out / "training.json").write_text(json.dumps({
+        "command": f"python -m polar_core {shlex.join(args.argv)}", "supervision": str(args.supervision),
+        "samples": len(samples), "excluded_family": args.exclude_family, "epochs": args.epochs, "seed": args.seed,
+        "lr": args.lr, "parameters": router.num_parameters(), "loss_per_epoch": [round(x, 4) for x in losses],
+    }, indent=1) + "\n")
+    print(f"{len(samples)} samples, {router.num_parameters():,} parameters, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    print(f"saved {out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a router on the task suite against the full program, static baselines and search."""
+    import shlex
+    from pathlib import Path
+
+    from polar_core.evaluate import report_markdown, run_evaluation
+    from polar_core.models import load_model
+    from polar_core.router import default_router_path, load_router
+    from polar_core.supervision import load_supervision
+
+    lm = load_model(args.model, device=args.device)
+    router_dir = args.router or default_router_path(lm.name)
+    router = load_router(router_dir, lm)
+    test = load_supervision(args.supervision_test, lm.num_layers) if args.supervision_test else None
+    train = load_supervision(args.supervision_train, lm.num_layers) if args.supervision_train else None
+    tables = run_evaluation(lm, router, split=args.split, test_samples=test, train_samples=train,
+                            ood_family=args.ood_family, k=args.k, per_family=args.per_family or None,
+                            epochs=args.epochs, seed=args.seed, fallback=args.fallback)
+    header = (f"Command: `python -m polar_core {shlex.join(args.argv)}`\n\n"
+              f"Model: {lm.name} ({lm.num_layers} layers, {lm.device}); router: `{router_dir}` "
+              f"({router.num_parameters():,} parameters, features at layer {router.config.feature_layer}).\n")
+    text = report_markdown(tables, header)
+    if args.out:
+        import json
+
+        Path(args.out).write_text(text)
+        # The same figures as data, with plot points for app.figures.accuracy_vs_depth.
+        data = {"command": f"python -m polar_core {shlex.join(args.argv)}",
+                "tables": [{**t.to_dict(), "points": t.points()} for t in tables]}
+        Path(args.out).with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+    print(text)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    """Search valid programs for task items (MCTS and/or greedy); save supervision and statistics."""
+    import json
+    import shlex
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from polar_core import tasks
+    from polar_core.models import load_model
+    from polar_core.search import search_task_items, summarize
+    from polar_core.supervision import SupervisionSample, save_supervision
+
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    families = args.families or list(tasks.FAMILIES)
+    items = [it for f in families for it in tasks.sample_items(f, args.per_family or None, args.split)]
+    methods = ["mcts", "greedy"] if args.method == "both" else [args.method]
+    bar = tqdm(total=len(items) * len(methods), desc="search", unit="search")
+
+    def progress(done, total):
+        bar.update(done - bar.n)
+
+    started = time.perf_counter()
+    records = search_task_items(lm, items, methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
+                                progress=progress)
+    bar.close()
+    seconds = time.perf_counter() - started
+    by_id = {it.id: it for it in items}
+    samples = [
+        SupervisionSample(by_id[r.item_id].question, by_id[r.item_id].answer, r.valid[: args.max_valid],
+                          r.invalid[: args.max_invalid], 1.0 if r.initial_right else 0.0)
+        for r in records
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_supervision(samples, out)
+    stats = summarize(records, lm.num_layers)
+    info = lm.describe()
+    stats = {"command": "python -m polar_core " + shlex.join(args.argv), "model": info["name"],
+             "device": info["device"], "dtype": info["dtype"], "methods": methods, "budget": args.budget,
+             "seed": args.seed, "wave": args.wave, "split": args.split, "families": families,
+             "per_family": args.per_family, "seconds": round(seconds, 1), **stats,
+             "item_ids": [r.item_id for r in records]}
+    stats_path = Path(args.stats) if args.stats else out.with_suffix(".stats.json")
+    stats_path.write_text(json.dumps(stats, indent=1) + "\n")
+    for key in ("items", "right_under_full", "right_with_shorter_valid", "wrong_under_full", "wrong_corrected_by_any",
+                "wrong_corrected_by_shorter", "mean_shortest_valid_steps", "mean_programs_scored",
+                "tf_valid_decode_agreement", "tf_invalid_decode_agreement", "seconds"):
+        print(f"{key:28s} {stats[key]}")
+    print(f"wrote {out} and {stats_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m polar_core", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,11 +253,74 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plain", action="store_true", help="plain text, no chat template")
     _add_model_args(run)
     run.set_defaults(func=_cmd_run)
+
+    lens = commands.add_parser("lens", help="logit lens per step: top-1 token, answer-token rank and probability")
+    lens.add_argument("--prompt", required=True)
+    lens.add_argument("--program", default="full", help='layer program, e.g. "0-11, 12-15x2, 16-29"')
+    lens.add_argument("--expected", default=None, help="expected answer, e.g. Paris")
+    lens.add_argument("--k", type=int, default=5, help="top-k tokens per step")
+    lens.add_argument("--max-new-tokens", type=int, default=32)
+    lens.add_argument("--plain", action="store_true",
+                      help="plain text (few-shot), no chat template; stops at a newline")
+    _add_model_args(lens)
+    lens.set_defaults(func=_cmd_lens)
+
+    red = commands.add_parser("redundancy", help="measure per-layer redundancy (ShortGPT BI, Gromov distances)")
+    red.add_argument("--out", required=True, help="JSON file to write")
+    red.add_argument("--prompts", type=int, default=40, help="number of task prompts")
+    red.add_argument("--split", default="train")
+    red.add_argument("--families", default=None, help="comma-separated task families (default: all)")
+    red.add_argument("--shots", type=int, default=3)
+    _add_model_args(red)
+    red.set_defaults(func=_cmd_redundancy)
+
+    train = commands.add_parser("train", help="train a router on a supervision file")
+    train.add_argument("--supervision", required=True, help="supervision JSON (the reference's format)")
+    train.add_argument("--out", required=True, help="folder to write config.json and model.safetensors to")
+    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--feature-layer", type=int, default=0, help="0 = token embeddings; k = after k layers")
+    train.add_argument("--exclude-family", default=None, help="leave a task family out of training")
+    _add_model_args(train)
+    train.set_defaults(func=_cmd_train)
+
+    ev = commands.add_parser("evaluate", help="evaluate a router on the task suite (top-1 beside best-of-k)")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--router", default=None, help="router folder (default: the shipped one)")
+    ev.add_argument("--supervision-test", default=None, help="search results for the split (search oracle)")
+    ev.add_argument("--supervision-train", default=None, help="training file, to train the held-out-family router")
+    ev.add_argument("--ood-family", default=None, help="family to hold out of a second router's training")
+    ev.add_argument("--k", type=int, default=5)
+    ev.add_argument("--per-family", type=int, default=0, help="items per family (0 = all)")
+    ev.add_argument("--epochs", type=int, default=40, help="epochs of the held-out-family router")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--fallback", action="store_true", help="add top-1 with a full-program fallback tuned on val")
+    ev.add_argument("--out", default=None, help="markdown file to write")
+    _add_model_args(ev)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    search = commands.add_parser("search", help="search valid programs for task items; write supervision JSON")
+    search.add_argument("--split", default="test", choices=("train", "val", "test"))
+    search.add_argument("--families", nargs="*", default=None, help="task families (default: all)")
+    search.add_argument("--per-family", type=int, default=10, help="items per family (0 = all)")
+    search.add_argument("--method", default="mcts", choices=("mcts", "greedy", "both"))
+    search.add_argument("--budget", type=int, default=200, help="MCTS simulations / greedy programs per item")
+    search.add_argument("--wave", type=int, default=8, help="MCTS simulations scored per batch")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--max-valid", type=int, default=64, help="valid programs kept per item in the file")
+    search.add_argument("--max-invalid", type=int, default=32, help="invalid programs kept per item in the file")
+    search.add_argument("--out", required=True, help="supervision JSON to write")
+    search.add_argument("--stats", default=None, help="statistics JSON (default: OUT with .stats.json)")
+    search.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the model's default)")
+    _add_model_args(search)
+    search.set_defaults(func=_cmd_search)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that write files
     try:
         return args.func(args)
     except USER_ERRORS as exc:
