@@ -149,7 +149,7 @@ def main() -> None:
         "",
         f"Identity tokens equal `generate` tokens: **{same}** "
         f"({len(tokens['identity'])} vs {len(tokens['hf_generate'])} tokens).",
-        f"All times (s): " + "; ".join(f"{k}: {', '.join(f'{t:.3f}' for t in v)}" for k, v in times.items()),
+        "All times (s): " + "; ".join(f"{k}: {', '.join(f'{t:.3f}' for t in v)}" for k, v in times.items()),
         f"Load times (s): {', '.join(f'{t:.2f}' for t in loads) or 'not measured'}",
         "",
     ]

@@ -155,6 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a router on the task suite against the full program, static baselines and search."""
+    import json
     import shlex
     from pathlib import Path
 
@@ -168,16 +169,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     router = load_router(router_dir, lm)
     test = load_supervision(args.supervision_test, lm.num_layers) if args.supervision_test else None
     train = load_supervision(args.supervision_train, lm.num_layers) if args.supervision_train else None
+    # The held-out-family router repeats the shipped router's training recipe (training.json).
+    recipe_file = Path(router_dir) / "training.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
     tables = run_evaluation(lm, router, split=args.split, test_samples=test, train_samples=train,
                             ood_family=args.ood_family, k=args.k, per_family=args.per_family or None,
-                            epochs=args.epochs, seed=args.seed, fallback=args.fallback)
+                            epochs=args.epochs or recipe.get("epochs", 40), seed=recipe.get("seed", args.seed),
+                            lr=recipe.get("lr", 1e-3), fallback=args.fallback)
     header = (f"Command: `python -m polar_core {shlex.join(args.argv)}`\n\n"
               f"Model: {lm.name} ({lm.num_layers} layers, {lm.device}); router: `{router_dir}` "
               f"({router.num_parameters():,} parameters, features at layer {router.config.feature_layer}).\n")
     text = report_markdown(tables, header)
     if args.out:
-        import json
-
         Path(args.out).write_text(text)
         # The same figures as data, with plot points for app.figures.accuracy_vs_depth.
         data = {"command": f"python -m polar_core {shlex.join(args.argv)}",
@@ -293,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ood-family", default=None, help="family to hold out of a second router's training")
     ev.add_argument("--k", type=int, default=5)
     ev.add_argument("--per-family", type=int, default=0, help="items per family (0 = all)")
-    ev.add_argument("--epochs", type=int, default=40, help="epochs of the held-out-family router")
+    ev.add_argument("--epochs", type=int, default=0, help="epochs of the held-out-family router "
+                    "(default: the shipped router's, from its training.json)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--fallback", action="store_true", help="add top-1 with a full-program fallback tuned on val")
     ev.add_argument("--out", default=None, help="markdown file to write")

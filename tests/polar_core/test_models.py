@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import build_tiny, tiny_config
+from tiny import build_tiny
 
 from polar_core import models
 from polar_core.models import ModelLoadError, load_model

@@ -1,0 +1,599 @@
+"""Thin handlers behind the page: parse what the user gave, call polar_core,
+build figures. Plain functions with no Gradio inside, so tests drive them
+without a browser; `app/ui.py` wires them to components.
+
+Every bad input raises `InputError` with a message meant for the user; the UI
+turns it into a visible warning and leaves the page as it was.
+"""
+from __future__ import annotations
+
+import json
+import math
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app import figures
+from app.session import InputError, Session
+from polar_core.executor import PromptError, generate
+from polar_core.models import LoadedModel
+from polar_core.program import DEFAULT_MAX_STEPS_PER_LAYER, Program, ProgramError
+
+MAX_PROMPT_CHARS = 4000
+MAX_EXPECTED_CHARS = 200
+MAX_PROGRAM_CHARS = 2000
+MAX_NEW_TOKENS = 32
+MAX_UPLOAD_BYTES = 64 * 1024
+STOP_PLAIN = ("\n",)  # few-shot "Q: ...\nA:" answers end at a newline
+GRID_HEADERS = ["layer", "run", "times", "op"]
+PROGRAM_JSON_KEYS = {"path", "num_layers", "text", "model", "prompt", "format"}
+
+
+# ------------------------------------------------------------------ inputs
+def check_prompt(prompt) -> str:
+    """The prompt, or InputError when it is empty or too long."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("Type a prompt first (or pick an example).")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"The prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+    return prompt
+
+
+def check_expected(expected) -> str:
+    """The expected answer ('' when none), or InputError when it cannot be one."""
+    if expected is None:
+        return ""
+    if not isinstance(expected, str):
+        raise InputError("The expected answer must be text.")
+    expected = expected.strip()
+    if len(expected) > MAX_EXPECTED_CHARS:
+        raise InputError(f"The expected answer has {len(expected)} characters; the limit is {MAX_EXPECTED_CHARS}.")
+    if "\n" in expected:
+        raise InputError("The expected answer must be one line.")
+    return expected
+
+
+def parse_program(text, num_layers: int) -> Program:
+    """Read the text form; every ProgramError becomes an InputError."""
+    if not isinstance(text, str):
+        raise InputError("The program must be text such as '0-11, 12-15x2, 16-29'.")
+    if len(text) > MAX_PROGRAM_CHARS:
+        raise InputError(f"The program text has {len(text)} characters; the limit is {MAX_PROGRAM_CHARS}.")
+    try:
+        return Program.parse(text, num_layers)
+    except ProgramError as exc:
+        raise InputError(f"Program: {exc}") from None
+
+
+def is_few_shot(prompt: str) -> bool:
+    """Few-shot "Q: ...\\nA:" prompts run as plain text and stop at a newline;
+    anything else goes through the chat template of an instruct model."""
+    return prompt.rstrip().endswith("A:")
+
+
+# -------------------------------------------------------------- the grid
+def _op_label(times: int) -> str:
+    return "skip" if times == 0 else "keep" if times == 1 else f"loop ×{times}"
+
+
+def is_per_layer(program: Program) -> bool:
+    """Whether the grid can express the program: layers in order, each run
+    0..max times back to back (no block loops, no reordering)."""
+    path = program.path
+    return all(a <= b for a, b in zip(path, path[1:])) and max(program.layer_counts()) <= DEFAULT_MAX_STEPS_PER_LAYER
+
+
+def grid_rows(program: Program) -> tuple[list[list], str]:
+    """Rows [layer, run, times, op] for the layer grid, and a note about them."""
+    counts = program.layer_counts()
+    rows = [[i, n > 0, max(n, 1), _op_label(n)] for i, n in enumerate(counts)]
+    if is_per_layer(program):
+        note = "Untick **run** to skip a layer; set **times** to 2–4 to loop it in place."
+    else:
+        note = ("⚠️ This program loops a block of layers or changes their order, which a per-layer grid "
+                "cannot express: **times** shows how often each layer runs. Edit the text form, or edit "
+                "the grid to replace it with a per-layer program.")
+    return rows, note
+
+
+def _cell_bool(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "x", "✓")
+    return bool(value) and not (isinstance(value, float) and math.isnan(value))
+
+
+def _cell_int(value, layer: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"Layer {layer}: 'times' must be a whole number 1–{DEFAULT_MAX_STEPS_PER_LAYER}, got {str(value)[:20]!r}.") from None
+    if not number.is_integer() or not 1 <= number <= DEFAULT_MAX_STEPS_PER_LAYER:
+        raise InputError(f"Layer {layer}: 'times' must be a whole number 1–{DEFAULT_MAX_STEPS_PER_LAYER}, got {value}.")
+    return int(number)
+
+
+def program_from_grid(rows, num_layers: int) -> Program:
+    """The per-layer program a grid describes (rows in layer order)."""
+    rows = table_rows(rows)
+    if len(rows) != num_layers:
+        raise InputError(f"The grid has {len(rows)} rows; the model has {num_layers} layers.")
+    path: list[int] = []
+    for layer, row in enumerate(rows):
+        if len(row) < 3:
+            raise InputError(f"Grid row {layer} is incomplete.")
+        if _cell_bool(row[1]):
+            path.extend([layer] * _cell_int(row[2], layer))
+    if not path:
+        raise InputError("Every layer is skipped: keep at least one.")
+    return Program(tuple(path), num_layers)
+
+
+def table_rows(value) -> list[list]:
+    """A Dataframe value (list of lists, pandas frame, or {'data': ...}) as rows."""
+    if hasattr(value, "values") and hasattr(value, "columns"):  # pandas
+        return value.values.tolist()
+    if isinstance(value, Mapping):
+        value = value.get("data", [])
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise InputError("The grid value is not a table.")
+    return [list(r) for r in value]
+
+
+@dataclass
+class EditorView:
+    """The three synchronised views of one program."""
+
+    program: Program
+    text: str
+    rows: list[list]
+    note: str
+    roll: object  # go.Figure
+
+
+def editor_view(program: Program) -> EditorView:
+    rows, note = grid_rows(program)
+    full = tuple(range(program.num_layers))
+    roll = figures.program_grid(program.path, program.num_layers, baseline_path=None if program.is_full else full)
+    return EditorView(program, program.format(), rows, note, roll)
+
+
+# ---------------------------------------------------------------- presets
+PRESETS = {
+    "full": "Full program (all layers once)",
+    "shortgpt": "ShortGPT: drop the n most redundant layers",
+    "gromov": "Gromov: drop the most redundant block of n layers",
+    "early_exit": "Early exit after k layers",
+    "skip": "Skip block a–b",
+    "loop": "Loop block a–b × r",
+}
+
+
+def _whole(value, name: str, low: int, high: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a whole number, got {str(value)[:20]!r}.") from None
+    if not number.is_integer() or not low <= number <= high:
+        raise InputError(f"{name} must be a whole number from {low} to {high}, got {value}.")
+    return int(number)
+
+
+def preset_program(lm: LoadedModel, preset: str, n=4, a=0, b=0, r=2) -> Program:
+    """One of the PRESETS, with its numbers checked against the model depth."""
+    D = lm.num_layers
+    if preset not in PRESETS:
+        raise InputError(f"Unknown preset {str(preset)[:30]!r}; choose one of {', '.join(PRESETS)}.")
+    if preset == "full":
+        return Program.full(D)
+    if preset == "early_exit":
+        return Program.early_exit(D, _whole(n, "k", 1, D) - 1)
+    if preset in ("shortgpt", "gromov"):
+        return _redundancy_preset(lm, preset, _whole(n, "n", 1, D - 1))
+    first, last = _whole(a, "a", 0, D - 1), _whole(b, "b", 0, D - 1)
+    if first > last:
+        raise InputError(f"Block {first}–{last} is backwards: a must be ≤ b.")
+    try:
+        if preset == "skip":
+            if last - first + 1 >= D:
+                raise InputError("Skipping every layer leaves nothing to run.")
+            return Program.skip(D, first, last)
+        return Program.loop(D, first, last, _whole(r, "r", 1, DEFAULT_MAX_STEPS_PER_LAYER))
+    except ProgramError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _redundancy_preset(lm: LoadedModel, preset: str, n: int) -> Program:
+    """ShortGPT / Gromov programs from the library's redundancy scores."""
+    try:
+        from polar_core import analysis
+        make = analysis.shortgpt_program if preset == "shortgpt" else analysis.gromov_program
+    except (ImportError, AttributeError):
+        raise InputError("Redundancy scores are not available in this build (polar_core.analysis).") from None
+    try:
+        return make(lm, n)
+    except (ValueError, FileNotFoundError) as exc:
+        raise InputError(f"{PRESETS[preset]}: {exc}") from None
+
+
+# ---------------------------------------------------------------- predict
+@dataclass
+class Prediction:
+    """The router's ranked programs (empty with a message when none is loaded)."""
+
+    programs: list[Program]
+    rows: list[list]  # [rank, program text, layers/token, score]
+    message: str
+
+
+def _router_for(lm: LoadedModel):
+    """The default router of this model, or None (no checkpoint, or no router module)."""
+    try:
+        from polar_core.router import load_default_router
+    except ImportError:
+        return None
+    return load_default_router(lm)
+
+
+def predict(lm: LoadedModel, prompt, k: int = 5) -> Prediction:
+    """Top-k programs of the router for this prompt, best first."""
+    prompt = check_prompt(prompt)
+    router = _router_for(lm)
+    if router is None:
+        return Prediction([], [], "No router loaded for this model: try a preset, or search for programs.")
+    from polar_core.router import predict_programs
+
+    ranked = predict_programs(lm, router, prompt, k=k)
+    rows = [[i + 1, p.format(), p.num_steps, round(float(s), 4)] for i, (p, s) in enumerate(ranked)]
+    return Prediction([p for p, _ in ranked], rows,
+                      f"Router top-{len(ranked)}: click a row to load it. Top-1 is what a deployment would run.")
+
+
+# -------------------------------------------------------------------- run
+@dataclass
+class Answer:
+    """One program's answer, its changed tokens marked, and its cost."""
+
+    text: str
+    spans: list[tuple[str, str | None]]  # (token text, "changed" | None) for gr.HighlightedText
+    correct: bool | None
+    steps: int
+    seconds: float
+    tokens: int
+
+
+@dataclass
+class RunView:
+    """Everything the page shows after a run."""
+
+    full: Answer
+    edited: Answer
+    summary: str  # markdown: executed layers, compute saved, timings
+    figures: dict = field(default_factory=dict)  # name -> go.Figure
+    same_answer: bool = True
+    analysis: object = None  # polar_core.analysis.Analysis
+
+
+def marked_spans(lm: LoadedModel, trace, changed: Sequence[tuple[int, int]],
+                 label: str = "changed") -> list[tuple[str, str | None]]:
+    """The answer's tokens as (text, label | None) runs, cut where its shown text ends.
+
+    The stop token ("\n") is among the generated ids but not in the answer
+    text, so the tokens are clipped to the length of ``trace.text``.
+    """
+    from polar_core.analysis import decode_tokens
+
+    marks = [False] * len(trace.token_ids)
+    for lo, hi in changed:
+        marks[lo:hi] = [True] * (hi - lo)
+    spans: list[tuple[str, str | None]] = []
+    budget = len(trace.text.rstrip())
+    for piece, mark in zip(decode_tokens(lm, trace.token_ids), marks):
+        piece = piece[:budget]
+        budget -= len(piece)
+        if not piece:
+            break
+        tag = label if mark else None
+        if spans and spans[-1][1] == tag:
+            spans[-1] = (spans[-1][0] + piece, tag)
+        else:
+            spans.append((piece, tag))
+    return spans or [("(empty answer)", label if changed else None)]
+
+
+def _generate(lm: LoadedModel, prompt: str, program: Program):
+    from polar_core.limits import Limits
+
+    plain = is_few_shot(prompt)
+    try:
+        return generate(lm, [prompt], program, max_new_tokens=MAX_NEW_TOKENS, chat=not plain,
+                        stop_strings=STOP_PLAIN if plain else (), capture="last",
+                        max_prompt_tokens=Limits.from_env().max_prompt_tokens)[0]
+    except (PromptError, ProgramError) as exc:
+        raise InputError(str(exc)) from None
+
+
+def baseline_trace(lm: LoadedModel, session: Session, prompt: str):
+    """The full program's trace of this prompt, from the session when already run."""
+    key = (lm.name, str(lm.device), prompt)
+    trace = session.cached_baseline(key)
+    if trace is None:
+        trace = _generate(lm, prompt, Program.full(lm.num_layers))
+        session.remember_baseline(key, trace)
+    return trace
+
+
+def run(lm: LoadedModel, session: Session, prompt, program_text, expected="") -> RunView:
+    """Answer the prompt under the edited program and the full one; build every figure."""
+    from polar_core.analysis import analyze
+
+    prompt, expected = check_prompt(prompt), check_expected(expected)
+    program = parse_program(program_text, lm.num_layers)
+    base = baseline_trace(lm, session, prompt)
+    trace = base if program.is_full else _generate(lm, prompt, program)
+    result = analyze(lm, trace, base, expected=expected or None, k=5)
+    diff = result.answer_diff
+    full = Answer(base.text.strip(), marked_spans(lm, base, [(s.a_start, s.a_end) for s in diff.spans], "differs"),
+                  result.baseline_expected_met, base.program.num_steps, base.total_seconds, len(base.token_ids))
+    edited = Answer(trace.text.strip(), marked_spans(lm, trace, [(s.b_start, s.b_end) for s in diff.spans]),
+                    result.expected_met, program.num_steps, trace.total_seconds, len(trace.token_ids))
+    view = RunView(full, edited, run_summary(base, trace), same_answer=diff.identical, analysis=result)
+    view.figures = analysis_figures(result)
+    return view
+
+
+def run_summary(base, trace) -> str:
+    """Markdown: executed layers, compute saved, timings of both programs."""
+    program = trace.program
+    saved = 1 - program.compute_fraction
+    cost = f"**{saved:.0%} compute saved**" if saved >= 0 else f"**{-saved:.0%} more compute**"
+    return (
+        f"Edited program: **{program.num_steps}** layer calls per token of {program.num_layers} "
+        f"({len(program.skipped_layers())} skipped) · {cost} · {_timing(trace)} · "
+        f"full program: {_timing(base)}"
+    )
+
+
+def _timing(trace) -> str:
+    return (f"prefill {1000 * trace.prefill_seconds:.0f} ms + {len(trace.token_ids)} tokens in "
+            f"{1000 * trace.decode_seconds:.0f} ms")
+
+
+# --------------------------------------------------------------- analysis
+def analysis_figures(a) -> dict:
+    """The analysis figures of one run from its polar_core.analysis.Analysis.
+
+    The piano roll is not among them: the editor draws it on every edit already.
+    """
+    program = a.program
+    track = a.lens.tracks.get("expected") or a.lens.tracks.get("answer")
+    figs = {
+        "similarity": figures.similarity_heatmap(a.similarity.numpy(), a.similarity_labels),
+        "logit_lens": figures.logit_lens_grid(
+            a.labels, [[figures.display_token(t) for t in row] for row in a.lens.top_tokens],
+            a.lens.top_probs.numpy(), highlight_token=figures.display_token(track.token) if track else None),
+        "block_influence": figures.block_influence_bar(a.block_influence.numpy(), a.labels, a.ops),
+        "alignment": figures.alignment_curve(a.labels, a.cos_to_baseline.numpy(), a.cos_to_final.numpy()),
+    }
+    if track is None:
+        figs["answer_probability"] = figures.empty_figure("No answer token to follow: give an expected answer")
+    else:
+        base_track = a.baseline_lens.tracks[track.name]
+        series = {"full program": (a.baseline_labels, base_track.prob.tolist())}
+        if not program.is_full:
+            series["edited program"] = (a.labels, track.prob.tolist())
+        figs["answer_probability"] = figures.answer_probability_curve(series, token=track.token)
+    return figs
+
+
+# ------------------------------------------------------------- URL state
+URL_KEYS = ("prompt", "program", "expected", "model")
+_URL_LIMITS = {"prompt": MAX_PROMPT_CHARS, "program": MAX_PROGRAM_CHARS, "expected": MAX_EXPECTED_CHARS, "model": 200}
+
+
+def encode_url_state(prompt: str = "", program: str = "", expected: str = "", model: str = "") -> str:
+    """Query string ("?prompt=...&program=...") that reproduces a view; empty fields left out."""
+    values = {"prompt": prompt, "program": program, "expected": expected, "model": model}
+    pairs = [(k, v) for k, v in values.items() if v]
+    return "?" + urllib.parse.urlencode(pairs, quote_via=urllib.parse.quote) if pairs else ""
+
+
+def decode_url_state(params: Mapping[str, str] | str) -> dict[str, str]:
+    """The known fields of a query string or mapping, each cut to its limit; unknown keys ignored.
+
+    Values are only text: they are validated like typed input when used.
+    """
+    if isinstance(params, str):
+        params = dict(urllib.parse.parse_qsl(params.lstrip("?"), keep_blank_values=True))
+    return {k: str(params[k])[: _URL_LIMITS[k]] for k in URL_KEYS if params.get(k)}
+
+
+# ------------------------------------------------------------ JSON files
+def program_json(program_text, num_layers: int, model: str = "", prompt: str = "") -> str:
+    """The JSON file offered for download: Program.to_dict plus the model and prompt."""
+    program = parse_program(program_text, num_layers)
+    data = program.to_dict()
+    data.update({k: v for k, v in (("model", model), ("prompt", prompt)) if v})
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def program_from_upload(data, num_layers: int) -> Program:
+    """A program from uploaded JSON bytes: size-limited, schema-checked, validated."""
+    if isinstance(data, str):  # raw JSON text from an API client
+        data = data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray)):
+        raise InputError("Upload a program as a .json file.")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InputError(f"The file has {len(data)} bytes; programs are at most {MAX_UPLOAD_BYTES // 1024} KB.")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"The file is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InputError("A program file holds one JSON object with 'path' (or 'text') and 'num_layers'.")
+    unknown = sorted(set(obj) - PROGRAM_JSON_KEYS)
+    if unknown:
+        raise InputError(f"Unknown keys in the program file: {', '.join(map(str, unknown))[:100]}.")
+    try:
+        return Program.from_dict(obj, num_layers)
+    except ProgramError as exc:
+        raise InputError(f"Program file: {exc}") from None
+
+
+# --------------------------------------------------------------- examples
+EXAMPLE_FAMILIES = ("capitals", "antonyms", "plurals", "add_1digit", "next_number", "word_problems")
+FREE_TEXT_EXAMPLES = (
+    ("free text: Name the largest planet", "Which planet is the largest in our solar system? Answer in one word.", "Jupiter"),
+    ("free text: Explain a rainbow", "In one sentence, why do rainbows appear?", ""),
+)
+
+
+def example_prompts(per_family: int = 2) -> list[tuple[str, str, str]]:
+    """(label, prompt, expected) examples: few-shot task items, then free text."""
+    from polar_core import tasks
+
+    out = []
+    for family in EXAMPLE_FAMILIES:
+        for item in tasks.sample_items(family, per_family, "test"):
+            out.append((f"{family}: {item.question}", tasks.build_prompt(item), item.answer))
+    return out + list(FREE_TEXT_EXAMPLES)
+
+
+def model_status(lm: LoadedModel) -> str:
+    """Status line: name, family, layers, parameters, device."""
+    info = lm.describe()
+    params = info["parameters"]
+    size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    return (f"**{info['name']}** · {info['family']} · {info['layers']} layers · hidden {info['hidden_size']} · "
+            f"{size} parameters · {info['device']} / {info['dtype']}")
+
+
+# ----------------------------------------------------------------- search
+SEARCH_METHODS = ("greedy", "mcts")
+VERIFY_TOP = 12  # shortest valid programs re-checked by real decoding
+
+
+@dataclass
+class SearchView:
+    rows: list[list]  # [#, program, layers, compute saved, answer]
+    message: str
+    programs: list[Program]
+
+
+def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
+    from polar_core.executor import encode_prompts
+
+    try:
+        return encode_prompts(lm, [prompt], chat=not is_few_shot(prompt)).input_ids[0].tolist()
+    except PromptError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _scorer(lm: LoadedModel, prompt: str, prompt_ids: list[int], expected: str):
+    """Teacher forcing for few-shot prompts (fast, shares prefixes); decoding otherwise."""
+    from polar_core import scoring
+    from polar_core.analysis import expected_token_ids
+    from polar_core.executor import eos_token_ids
+    from polar_core.tasks import check_answer
+
+    if is_few_shot(prompt):
+        stops = scoring.line_end_ids(lm.tokenizer) | eos_token_ids(lm)
+        target = scoring.Target(prompt_ids, expected_token_ids(lm, prompt_ids, expected), stops)
+        return scoring.make_scorer(lm, target)
+
+    def decode(programs):
+        traces = scoring.decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=())
+        return [check_answer(t.text, expected) for t in traces]
+    return decode
+
+
+def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", budget=100, progress=None) -> SearchView:
+    """Find programs whose greedy answer is `expected`, shortest first, each verified by decoding.
+
+    Args:
+        progress: optional callable(fraction, message), e.g. a gr.Progress.
+    """
+    from polar_core.limits import LimitError, Limits
+    from polar_core.scoring import decode_programs
+    from polar_core.search import make_search
+    from polar_core.tasks import check_answer
+
+    prompt, expected = check_prompt(prompt), check_expected(expected)
+    if not expected:
+        raise InputError("Search needs an expected answer: a program is valid when it produces it.")
+    if method not in SEARCH_METHODS:
+        raise InputError(f"Unknown search method {str(method)[:20]!r}; choose {' or '.join(SEARCH_METHODS)}.")
+    try:
+        budget = Limits.from_env().check_search_budget(_whole(budget, "Budget", 1, 10**6))
+    except LimitError as exc:
+        raise InputError(str(exc)) from None
+    ids = _prompt_ids(lm, prompt)
+    scorer = _scorer(lm, prompt, ids, expected)
+    search = make_search(method, lm.num_layers, budget=budget, seed=0)
+    while programs := search.ask():
+        search.tell(programs, scorer(programs))
+        if progress is not None:
+            progress(min(1.0, search.programs_scored / budget), f"{search.programs_scored} programs scored")
+    result = search.result()
+    candidates = result.valid[:VERIFY_TOP]
+    traces = decode_programs(lm, ids, candidates, max_new_tokens=16, stop_strings=STOP_PLAIN if is_few_shot(prompt) else ())
+    found = [(p, t.text.strip()) for p, t in zip(candidates, traces) if check_answer(t.text, expected)]
+    rows = [[i + 1, p.format(), p.num_steps, f"{1 - p.compute_fraction:.0%}", text] for i, (p, text) in enumerate(found)]
+    full = "right" if result.full_valid else "wrong"
+    message = (f"{method} search scored {result.programs_scored} programs in {result.seconds:.1f} s; the full program is "
+               f"**{full}**. {len(found)} valid program(s) shown, shortest first (checked by decoding)"
+               + (": click one to load it into the editor." if found else "."))
+    return SearchView(rows, message, [p for p, _ in found])
+
+
+# --------------------------------------------------------------- evaluate
+def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
+    """Router top-1 (when a router is loaded) and baselines over a task family.
+
+    Returns (table rows, markdown, accuracy-vs-depth figure). Baselines:
+    the full program, and ShortGPT / Gromov / early exit dropping `drop` layers
+    (the router's average depth when there is a router).
+    """
+    from polar_core import evaluate as E
+    from polar_core.tasks import FAMILIES, sample_items
+
+    if family not in FAMILIES:
+        raise InputError(f"Unknown task family {str(family)[:30]!r}; choose one of {', '.join(FAMILIES)}.")
+    n_items = _whole(n_items, "Items", 1, 200)
+    drop = _whole(drop, "Layers to drop", 0, lm.num_layers - 1)
+    items = sample_items(family, n_items, "test")
+    runner = E.Runner(lm, progress=True)
+    router = _router_for(lm)
+    title = f"{family}: {len(items)} test items"
+    if router is not None:
+        preds = E.predict_items(lm, router, runner, items, k=5)
+        table = E.evaluate_items(runner, items, [E.RouterUnderTest("Router", preds)], k=5, title=title)
+    else:
+        D = lm.num_layers
+        rows = [E.fixed_program_row(runner, items, Program.full(D), "Full program", "full")]
+        try:
+            statics, source = E.static_programs(lm, drop, [])
+        except (ValueError, FileNotFoundError) as exc:
+            statics, source = {"Early exit": Program.early_exit(D, D - 1 - drop)}, str(exc)
+        for name, program in statics.items():
+            rows.append(E.fixed_program_row(runner, items, program, f"{name} @ {D - drop}", "static", program.format()))
+        table = E.EvalTable(title, tuple(rows), (f"No router loaded: baselines only; {source}.",))
+    data = table.to_dict()["rows"]
+    rows = [[r["method"], f"{r['accuracy']:.1%}", f"{r['avg_layers']:.2f}", "yes" if r["oracle"] else "", r["note"]]
+            for r in data]
+    return rows, table.to_markdown(), figures.accuracy_vs_depth(table.points())
+
+
+# ------------------------------------------------------------------ learn
+LEARN_FILE = Path(__file__).resolve().parent.parent / "assets" / "learn_examples.json"
+
+
+def learn_examples(path=None) -> list[dict]:
+    """The curated tour (written by `python -m app.curate_examples`); [] when absent."""
+    path = path or LEARN_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    keys = ("title", "explanation", "prompt", "expected", "program")
+    return [ex for ex in data.get("examples", []) if all(isinstance(ex.get(k), str) for k in keys)]

@@ -1,0 +1,83 @@
+"""Which models the app may load, and what one browser session remembers.
+
+The loaded model is shared read-only by every user (``load_model`` caches it
+per spec); what differs per user (the baseline trace of their prompt) lives in
+a ``Session`` kept in ``gr.State``, never in a module variable, since module
+variables are shared by all users.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from polar_core.models import DEFAULT_MODEL, LoadedModel, load_model
+
+MODELS_ENV = "POLAR_MODELS"  # comma-separated allow-list of model specs
+ANY_MODEL_ENV = "POLAR_ALLOW_ANY_MODEL"  # "1": any hub id may be typed in
+MAX_SPEC_CHARS = 200
+
+
+class InputError(ValueError):
+    """Bad input from the page (or an API client); its message is shown to the user."""
+
+
+def allowed_models() -> list[str]:
+    """The allow-list from $POLAR_MODELS (default: just the embedded default model)."""
+    raw = os.environ.get(MODELS_ENV, "")
+    specs = [s.strip() for s in raw.split(",") if s.strip()]
+    return list(dict.fromkeys(specs)) or [DEFAULT_MODEL]
+
+
+def any_model_allowed() -> bool:
+    """Whether arbitrary hub ids may be loaded ($POLAR_ALLOW_ANY_MODEL=1)."""
+    return os.environ.get(ANY_MODEL_ENV, "").strip() == "1"
+
+
+def default_model() -> str:
+    return allowed_models()[0]
+
+
+def check_model_spec(spec: str | None) -> str:
+    """Return the spec if the page may load it, else raise InputError.
+
+    Without $POLAR_ALLOW_ANY_MODEL only the allow-list is accepted; with it, a
+    hub id ``org/name`` is accepted too, but never a local path: a page must
+    not make the server read files it names.
+    """
+    spec = (spec or "").strip() or default_model()
+    if spec in allowed_models():
+        return spec
+    if not any_model_allowed():
+        raise InputError(f"model {spec!r} is not offered here; choose one of: {', '.join(allowed_models())}")
+    is_hub_id = (
+        len(spec) <= MAX_SPEC_CHARS and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+        and ".." not in spec and all(c.isalnum() or c in "-_./" for c in spec)
+    )
+    if not is_hub_id:
+        raise InputError(f"{spec[:60]!r} is not a hub id of the form org/name")
+    return spec
+
+
+def get_model(spec: str | None) -> LoadedModel:
+    """The shared, cached model for an allowed spec (InputError for a refused one)."""
+    spec = check_model_spec(spec)
+    try:
+        return load_model(spec)
+    except RuntimeError as exc:  # ModelLoadError: show it, keep the page alive
+        raise InputError(str(exc)) from exc
+
+
+@dataclass
+class Session:
+    """Per-user memory: the full-program trace of the last prompt, so an edit
+    reruns only the edited program (half the work of rerunning both)."""
+
+    baseline_key: tuple | None = None
+    baseline: object | None = None  # executor.Trace
+    extras: dict = field(default_factory=dict)
+
+    def cached_baseline(self, key: tuple):
+        return self.baseline if self.baseline_key == key else None
+
+    def remember_baseline(self, key: tuple, trace) -> None:
+        self.baseline_key, self.baseline = key, trace

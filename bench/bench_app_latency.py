@@ -1,0 +1,125 @@
+"""Server-side latency of one program edit in the app: new answer + every chart.
+
+    .venv/bin/python bench/bench_app_latency.py            # 20 edits, 2 threads
+    .venv/bin/python bench/bench_app_latency.py --edits 20 --threads 2 --out bench/results/app_latency.md
+
+What one edit costs, timed per edit, exactly as the page does it: parse the
+program text, sync the grid and piano roll (`editor_view`), run the edited
+program for up to 32 new tokens with the full program's trace reused from the
+session (`handlers.run`: generation + `polar_core.analysis.analyze` + all
+figures), and serialise every figure to JSON as Gradio does before sending.
+The prompt is a free-text chat prompt so answers run to the 32-token cap
+rather than stopping at a newline. Target: median <= 1.5 s on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPT = "Describe the water cycle in a few sentences."
+TARGET_SECONDS = 1.5
+
+
+def edits(num_layers: int, n: int, seed: int = 0) -> list[str]:
+    """n program texts a person might try: skip a block, loop a block, early exit, drop layers."""
+    from polar_core.program import Program
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a = rng.randrange(2, num_layers - 6)
+        kind = i % 4
+        if kind == 0:
+            p = Program.skip(num_layers, a, a + rng.randrange(1, 5))
+        elif kind == 1:
+            p = Program.loop(num_layers, a, a + rng.randrange(0, 4), 2)
+        elif kind == 2:
+            p = Program.early_exit(num_layers, num_layers - 1 - rng.randrange(1, 5))
+        else:
+            p = Program.drop_layers(num_layers, rng.sample(range(num_layers), 3))
+        out.append(p.format())
+    return out
+
+
+def time_edit(lm, session, text: str) -> tuple[float, float, int]:
+    """Seconds for one edit end to end (server side), of which generating, and the tokens generated."""
+    from app import handlers as H
+
+    started = time.perf_counter()
+    view = H.editor_view(H.parse_program(text, lm.num_layers))
+    run = H.run(lm, session, PROMPT, text, "")
+    for fig in [view.roll, *run.figures.values()]:
+        fig.to_json()  # Gradio sends figures as JSON
+    return time.perf_counter() - started, run.edited.seconds, run.edited.tokens
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from app import handlers as H
+    from app.session import Session, get_model
+
+    lm = get_model(None)
+    session = Session()
+    H.run(lm, session, PROMPT, "full", "")  # the baseline: computed once per prompt, as in the app
+    time_edit(lm, session, "0-29")  # warm-up (first-call allocations)
+    times, gen, tokens = [], [], []
+    for text in edits(lm.num_layers, args.edits):
+        seconds, generating, n = time_edit(lm, session, text)
+        times.append(seconds)
+        gen.append(generating)
+        tokens.append(n)
+        print(f"{seconds:6.3f} s  (generate {generating:5.3f} s)  {n:2d} tokens  {text}", flush=True)
+    overhead = [t - g for t, g in zip(times, gen)]
+    times_sorted = sorted(times)
+    median = statistics.median(times)
+    p90 = times_sorted[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    load = os.getloadavg()
+    report = "\n".join([
+        "# App latency: one program edit -> new answer + all charts (server side)",
+        "",
+        f"Command: `.venv/bin/python bench/bench_app_latency.py --edits {args.edits} --threads {args.threads}`",
+        "",
+        f"- model: {lm.name} ({lm.num_layers} layers, {lm.device}, {str(lm.dtype).replace('torch.', '')}), "
+        f"torch threads: {args.threads}, CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible",
+        f"- load average during the run (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+        "(other jobs on a shared machine inflate the times)",
+        f"- prompt: {PROMPT!r} (chat template), up to 32 new tokens; tokens generated per edit: "
+        f"median {statistics.median(tokens):.0f}, min {min(tokens)}, max {max(tokens)}",
+        "- per edit: parse + grid/piano roll + generate the edited program + `analyze` + 5 analysis figures + JSON; "
+        "the full program's trace is reused from the session, as in the app",
+        "",
+        "| edits | median (s) | p90 (s) | min (s) | max (s) | target median |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {len(times)} | {median:.3f} | {p90:.3f} | {min(times):.3f} | {max(times):.3f} | <= {TARGET_SECONDS} s "
+        f"({'met' if median <= TARGET_SECONDS else 'NOT met'}) |",
+        "",
+        "Where the time goes (medians over the edits): generating the edited program's answer "
+        f"{statistics.median(gen):.3f} s (prefill + up to 32 decode steps, `polar_core.executor.generate`); "
+        f"everything else (parse, analyze, figures, JSON, grid) {statistics.median(overhead):.3f} s.",
+        "",
+    ])
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The app served on a free loopback port, shared by the client and browser tests."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_idle(demo, timeout_s: float = 120.0) -> None:
+    """Wait for running events to finish.
+
+    A test may end while an event it triggered (an auto-rerun after an edit)
+    still runs; the interpreter exiting under a thread that is inside torch
+    aborts the process, so the server is closed only once it is idle.
+    """
+    queue = getattr(demo, "_queue", None)
+    deadline = time.monotonic() + timeout_s
+    while queue is not None and time.monotonic() < deadline:
+        if not any(queue.active_jobs) and not any(len(q.queue) for q in queue.event_queue_per_concurrency_id.values()):
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def app_url(real_lm):
+    """The default app on a free 127.0.0.1 port, launched once; closed when idle."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from app.ui import build_demo, launch_kwargs
+
+    demo = build_demo()
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **launch_kwargs())
+    try:
+        yield demo.local_url
+    finally:
+        time.sleep(0.5)  # let a debounced event triggered at the very end reach the queue
+        _wait_until_idle(demo)
+        demo.close()
