@@ -34,6 +34,15 @@ EDITED_COLOR = "#1F77B4"
 PALETTE = ["#1F77B4", "#54A24B", "#B279A2", "#E45756", "#72B7B2", "#9D755D", "#EECA3B"]
 HIGHLIGHT_COLOR = "#D62728"
 
+# The look of plotly_white, only the parts our figures use. Applying the full
+# "plotly_white" template deep-copies defaults for every trace type (~10-20 ms
+# per figure, six figures per edit); this lean copy costs ~1 ms.
+_AXIS = dict(gridcolor="#EBF0F8", linecolor="#EBF0F8", zerolinecolor="#EBF0F8", zerolinewidth=2, ticks="",
+             automargin=True, title=dict(standoff=15))
+TEMPLATE = go.layout.Template(layout=dict(
+    paper_bgcolor="white", plot_bgcolor="white", hovermode="closest", xaxis=_AXIS, yaxis=_AXIS,
+    colorway=["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692"],
+))
 FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=12)
 MAX_TICKS = 20  # more tick labels than this collide at laptop widths
 
@@ -49,7 +58,7 @@ def _style(
 ) -> go.Figure:
     """Apply the shared look: template, font, margins, title left, legend top right."""
     fig.update_layout(
-        template="plotly_white",
+        template=TEMPLATE,
         font=FONT,
         height=height,
         margin=dict(l=64, r=24, t=64 if title else 36, b=56),

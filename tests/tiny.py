@@ -58,3 +58,25 @@ def build_tiny(family: str = "llama", seed: int = 0):
     impl = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     model = AutoModelForCausalLM.from_config(config, attn_implementation=impl)
     return from_model(model, name=f"tiny-{family}")
+
+
+class CharTokenizer:
+    """A tokenizer for tiny random models (vocab 97): one id per character, so
+    the task suite's prompts can run through a tiny model."""
+
+    chat_template = None
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [3 + ord(c) % 90 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids if i > 2)
+
+
+def tiny_lm_with_chars():
+    """A tiny random Llama with the character tokenizer, as a LoadedModel."""
+    from polar_core.models import from_model
+
+    return from_model(build_tiny("llama").model, CharTokenizer(), name="tiny-llama")

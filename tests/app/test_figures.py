@@ -310,5 +310,5 @@ def test_empty_figure_shows_escaped_message():
     assert len(fig.data) == 0
     assert fig.layout.annotations[0].text == "Error: &lt;bad&gt; input"
     assert fig.layout.xaxis.visible is False
-    assert fig.layout.template.layout.paper_bgcolor is not None  # plotly_white applied
+    assert fig.layout.template.layout.paper_bgcolor is not None  # the shared (plotly_white-like) template applied
     _serialisable(fig)

@@ -23,36 +23,18 @@ from polar_core.evaluate import (
     tune_fallback,
 )
 from polar_core.executor import generate
-from polar_core.models import from_model
 from polar_core.program import Program
 from polar_core.router import RouterConfig, load_default_router, predict_programs, rigged_router
 from polar_core.supervision import SupervisionSample
 from polar_core.tasks import TaskItem, build_prompt, load_suite
-from tiny import build_tiny
+from tiny import tiny_lm_with_chars
 
 D = 4
 
 
-class CharTokenizer:
-    """A tokenizer for tiny random models (vocab 97): one id per character.
-
-    Same as in test_router.py (test modules cannot import each other here).
-    """
-
-    chat_template = None
-    pad_token_id = 0
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + i % 26) for i in ids if i > 2)
-
-
 @pytest.fixture(scope="module")
 def lm():
-    return from_model(build_tiny("llama").model, CharTokenizer(), name="tiny-llama")
+    return tiny_lm_with_chars()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polar_core.models import from_model
 from polar_core.program import OPS, Program, Segment
 from polar_core.router import (
     Router,
@@ -27,28 +26,14 @@ from polar_core.router import (
     train_router,
 )
 from polar_core.supervision import SupervisionSample, load_supervision
-from tiny import build_tiny
+from tiny import tiny_lm_with_chars
 
 D = 4
 
 
-class CharTokenizer:
-    """A tokenizer for tiny random models (vocab 97): one id per character."""
-
-    chat_template = None
-    pad_token_id = 0
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + i % 26) for i in ids if i > 2)
-
-
 @pytest.fixture(scope="module")
 def lm():
-    return from_model(build_tiny("llama").model, CharTokenizer(), name="tiny-llama")
+    return tiny_lm_with_chars()
 
 
 def tiny_config(**changes):
