@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 
-.PHONY: demo test setup browser clean
+.PHONY: demo test setup browser clean loadtest
 
 demo: $(STAMP)
 	GRADIO_ANALYTICS_ENABLED=False HF_HUB_DISABLE_TELEMETRY=1 $(PY) app.py
@@ -12,6 +12,11 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 setup: $(STAMP)
+
+# Benchmark, not a test: 8 gradio_client users for 2 minutes against app.py on
+# 127.0.0.1; every answer must equal its serial result. Writes the results file.
+loadtest: $(STAMP)
+	$(PY) bench/load_test.py --out bench/results/load_test.md
 
 # torch is pinned to the CPU build that installs from local disk; an unpinned
 # torch would pull a multi-GB CUDA build. The default model ships inside the

@@ -8,7 +8,9 @@ turns it into a visible warning and leaves the page as it was.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,9 @@ MAX_UPLOAD_BYTES = 64 * 1024
 STOP_PLAIN = ("\n",)  # few-shot "Q: ...\nA:" answers end at a newline
 GRID_HEADERS = ["layer", "run", "times", "op"]
 PROGRAM_JSON_KEYS = {"path", "num_layers", "text", "model", "prompt", "format"}
+ROUTER_ENV = "POLAR_ROUTER_DIR"  # the operator's router checkpoint folder; never a path from the page
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ inputs
@@ -226,21 +231,43 @@ class Prediction:
     message: str
 
 
-def _router_for(lm: LoadedModel):
-    """The default router of this model, or None (no checkpoint, or no router module)."""
+def router_folder(lm: LoadedModel) -> Path | None:
+    """$POLAR_ROUTER_DIR when set; else the router shipped for this model, or None when none ships."""
+    from polar_core.router import CONFIG_FILE, default_router_path
+
+    override = os.environ.get(ROUTER_ENV, "").strip()
+    if override:
+        return Path(override).resolve()
+    folder = default_router_path(lm.name)
+    return folder if (folder / CONFIG_FILE).is_file() else None
+
+
+def load_router_for(lm: LoadedModel):
+    """(router, "") or (None, why no router is loaded).
+
+    A corrupted checkpoint, or one made for another model, is reported rather
+    than raised: the page runs on without a router (presets, search and runs
+    need none). The server log gets the full error.
+    """
+    from polar_core.router import RouterError, load_router
+
+    folder = router_folder(lm)
+    if folder is None:
+        return None, "none ships for it"
     try:
-        from polar_core.router import load_default_router
-    except ImportError:
-        return None
-    return load_default_router(lm)
+        return load_router(folder, lm), ""
+    except RouterError as exc:
+        log.warning("router checkpoint %s not loaded: %s", folder, exc)
+        # The page names the problem, not where the server keeps its files.
+        return None, f"its router checkpoint cannot be used: {str(exc).replace(str(folder), folder.name)}"
 
 
 def predict(lm: LoadedModel, prompt, k: int = 5) -> Prediction:
     """Top-k programs of the router for this prompt, best first."""
     prompt = check_prompt(prompt)
-    router = _router_for(lm)
+    router, why = load_router_for(lm)
     if router is None:
-        return Prediction([], [], "No router loaded for this model: try a preset, or search for programs.")
+        return Prediction([], [], f"No router loaded for this model ({why}): try a preset, or search for programs.")
     from polar_core.router import predict_programs
 
     ranked = predict_programs(lm, router, prompt, k=k)
@@ -305,10 +332,13 @@ def _generate(lm: LoadedModel, prompt: str, program: Program):
     from polar_core.limits import Limits
 
     plain = is_few_shot(prompt)
+    limits = Limits.from_env()
     try:
+        # The time limit also bounds the work of a request whose client went
+        # away: Gradio cannot interrupt a handler that is already running.
         return generate(lm, [prompt], program, max_new_tokens=MAX_NEW_TOKENS, chat=not plain,
                         stop_strings=STOP_PLAIN if plain else (), capture="last",
-                        max_prompt_tokens=Limits.from_env().max_prompt_tokens)[0]
+                        max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds)[0]
     except (PromptError, ProgramError) as exc:
         raise InputError(str(exc)) from None
 
@@ -355,8 +385,9 @@ def run_summary(base, trace) -> str:
 
 
 def _timing(trace) -> str:
+    cut = " (cut at the time limit)" if trace.finish_reason == "time" else ""
     return (f"prefill {1000 * trace.prefill_seconds:.0f} ms + {len(trace.token_ids)} tokens in "
-            f"{1000 * trace.decode_seconds:.0f} ms")
+            f"{1000 * trace.decode_seconds:.0f} ms{cut}")
 
 
 # --------------------------------------------------------------- analysis
@@ -563,7 +594,7 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
     drop = _whole(drop, "Layers to drop", 0, lm.num_layers - 1)
     items = sample_items(family, n_items, "test")
     runner = E.Runner(lm, progress=True)
-    router = _router_for(lm)
+    router, why_none = load_router_for(lm)
     title = f"{family}: {len(items)} test items"
     if router is not None:
         preds = E.predict_items(lm, router, runner, items, k=5)
@@ -577,7 +608,7 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
             statics, source = {"Early exit": Program.early_exit(D, D - 1 - drop)}, str(exc)
         for name, program in statics.items():
             rows.append(E.fixed_program_row(runner, items, program, f"{name} @ {D - drop}", "static", program.format()))
-        table = E.EvalTable(title, tuple(rows), (f"No router loaded: baselines only; {source}.",))
+        table = E.EvalTable(title, tuple(rows), (f"No router loaded ({why_none}): baselines only; {source}.",))
     data = table.to_dict()["rows"]
     rows = [[r["method"], f"{r['accuracy']:.1%}", f"{r['avg_layers']:.2f}", "yes" if r["oracle"] else "", r["note"]]
             for r in data]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from polar_core.adapter import UnsupportedModelError
 from polar_core.models import DEFAULT_MODEL, LoadedModel, load_model
 
 MODELS_ENV = "POLAR_MODELS"  # comma-separated allow-list of model specs
@@ -63,7 +64,10 @@ def get_model(spec: str | None) -> LoadedModel:
     spec = check_model_spec(spec)
     try:
         return load_model(spec)
-    except RuntimeError as exc:  # ModelLoadError: show it, keep the page alive
+    # ModelLoadError is a RuntimeError (as is running out of memory moving it to
+    # the device); an architecture we cannot run layer by layer is refused by the
+    # adapter. Either way: show it, keep the page alive.
+    except (RuntimeError, UnsupportedModelError) as exc:
         raise InputError(str(exc)) from exc
 
 

@@ -9,6 +9,7 @@ never blanks the grid, the plots or the answers.
 from __future__ import annotations
 
 import functools
+import logging
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,8 @@ try:  # On a ZeroGPU Space, functions that run the model borrow a GPU per call.
 except ImportError:  # everywhere else: run as is
     def gpu(fn):
         return fn
+
+log = logging.getLogger(__name__)
 
 RUN_OUTPUTS = 12  # what on_run returns (the session state included)
 CONCURRENCY = 2  # model calls at once; a 2-core CPU gains nothing from more
@@ -422,5 +425,16 @@ def build_demo() -> gr.Blocks:
 
 
 def warm_up() -> None:
-    """Load the default model before the first visitor asks (dequantizing takes seconds)."""
-    get_model(default_model())
+    """Load the default model and its router before the first visitor asks (dequantizing takes seconds).
+
+    A model or router that fails to load is logged here and shown on the page
+    when used; the server starts anyway, so the page can say what went wrong.
+    """
+    try:
+        lm = get_model(default_model())
+    except InputError as exc:
+        log.error("default model not loaded: %s", exc)
+        return
+    router, why = H.load_router_for(lm)
+    if router is None:
+        log.warning("no router for %s (%s): Predict will say so", lm.name, why)

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+OUR_CODE = (str(ROOT / "app") + os.sep, str(ROOT / "polar_core") + os.sep)
 
 
 def free_port() -> int:
@@ -14,8 +20,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _handler_still_running() -> bool:
+    """Whether another thread is inside the app or the library.
+
+    A cancelled event leaves the queue at once, but its handler runs on in
+    its worker thread until it returns: the queue alone does not show it.
+    """
+    me = threading.get_ident()
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        while frame is not None:
+            if frame.f_code.co_filename.startswith(OUR_CODE):
+                return True
+            frame = frame.f_back
+    return False
+
+
 def _wait_until_idle(demo, timeout_s: float = 120.0) -> None:
-    """Wait for running events to finish.
+    """Wait for running events (and handlers of cancelled ones) to finish.
 
     A test may end while an event it triggered (an auto-rerun after an edit)
     still runs; the interpreter exiting under a thread that is inside torch
@@ -24,7 +47,8 @@ def _wait_until_idle(demo, timeout_s: float = 120.0) -> None:
     queue = getattr(demo, "_queue", None)
     deadline = time.monotonic() + timeout_s
     while queue is not None and time.monotonic() < deadline:
-        if not any(queue.active_jobs) and not any(len(q.queue) for q in queue.event_queue_per_concurrency_id.values()):
+        queued = any(len(q.queue) for q in queue.event_queue_per_concurrency_id.values())
+        if not any(queue.active_jobs) and not queued and not _handler_still_running():
             return
         time.sleep(0.2)
 
