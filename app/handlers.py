@@ -19,14 +19,15 @@ from pathlib import Path
 from app import figures
 from app.session import InputError, Session
 from polar_core.executor import PromptError, generate
+from polar_core.limits import Limits
 from polar_core.models import LoadedModel
 from polar_core.program import DEFAULT_MAX_STEPS_PER_LAYER, Program, ProgramError
 
 MAX_PROMPT_CHARS = 4000
 MAX_EXPECTED_CHARS = 200
 MAX_PROGRAM_CHARS = 2000
-MAX_NEW_TOKENS = 32
-MAX_UPLOAD_BYTES = 64 * 1024
+MAX_NEW_TOKENS = 32  # the app's answers; $POLAR_MAX_NEW_TOKENS may lower it
+MAX_UPLOAD_BYTES = Limits().max_upload_bytes  # default; $POLAR_MAX_UPLOAD_BYTES overrides it
 STOP_PLAIN = ("\n",)  # few-shot "Q: ...\nA:" answers end at a newline
 GRID_HEADERS = ["layer", "run", "times", "op"]
 PROGRAM_JSON_KEYS = {"path", "num_layers", "text", "model", "prompt", "format"}
@@ -66,7 +67,7 @@ def parse_program(text, num_layers: int) -> Program:
     if len(text) > MAX_PROGRAM_CHARS:
         raise InputError(f"The program text has {len(text)} characters; the limit is {MAX_PROGRAM_CHARS}.")
     try:
-        return Program.parse(text, num_layers)
+        return Program.parse(text, num_layers, max_steps=Limits.from_env().max_steps(num_layers))
     except ProgramError as exc:
         raise InputError(f"Program: {exc}") from None
 
@@ -329,14 +330,12 @@ def marked_spans(lm: LoadedModel, trace, changed: Sequence[tuple[int, int]],
 
 
 def _generate(lm: LoadedModel, prompt: str, program: Program):
-    from polar_core.limits import Limits
-
     plain = is_few_shot(prompt)
     limits = Limits.from_env()
     try:
         # The time limit also bounds the work of a request whose client went
         # away: Gradio cannot interrupt a handler that is already running.
-        return generate(lm, [prompt], program, max_new_tokens=MAX_NEW_TOKENS, chat=not plain,
+        return generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens), chat=not plain,
                         stop_strings=STOP_PLAIN if plain else (), capture="last",
                         max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds)[0]
     except (PromptError, ProgramError) as exc:
@@ -454,8 +453,9 @@ def program_from_upload(data, num_layers: int) -> Program:
         data = data.encode("utf-8")
     if not isinstance(data, (bytes, bytearray)):
         raise InputError("Upload a program as a .json file.")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise InputError(f"The file has {len(data)} bytes; programs are at most {MAX_UPLOAD_BYTES // 1024} KB.")
+    limits = Limits.from_env()
+    if len(data) > limits.max_upload_bytes:
+        raise InputError(f"The file has {len(data)} bytes; programs are at most {limits.max_upload_bytes // 1024} KB.")
     try:
         obj = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -466,9 +466,13 @@ def program_from_upload(data, num_layers: int) -> Program:
     if unknown:
         raise InputError(f"Unknown keys in the program file: {', '.join(map(str, unknown))[:100]}.")
     try:
-        return Program.from_dict(obj, num_layers)
+        program = Program.from_dict(obj, num_layers)
     except ProgramError as exc:
         raise InputError(f"Program file: {exc}") from None
+    limit = limits.max_steps(num_layers)
+    if program.num_steps > limit:
+        raise InputError(f"Program file: the program has {program.num_steps} steps; the limit is {limit}.")
+    return program
 
 
 # --------------------------------------------------------------- examples
@@ -544,7 +548,7 @@ def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", b
     Args:
         progress: optional callable(fraction, message), e.g. a gr.Progress.
     """
-    from polar_core.limits import LimitError, Limits
+    from polar_core.limits import LimitError
     from polar_core.scoring import decode_programs
     from polar_core.search import make_search
     from polar_core.tasks import check_answer

@@ -17,6 +17,7 @@ import gradio as gr
 
 from app import handlers as H
 from app.session import InputError, Session, allowed_models, any_model_allowed, default_model, get_model
+from polar_core.limits import Limits
 
 try:  # On a ZeroGPU Space, functions that run the model borrow a GPU per call.
     import spaces
@@ -57,7 +58,7 @@ URL_JS = """
 def launch_kwargs() -> dict:
     """Page-level settings for `demo.launch` (Gradio 6 takes theme and css there)."""
     return dict(theme=gr.themes.Soft(primary_hue="blue", neutral_hue="slate"), css=CSS,
-                max_file_size=f"{H.MAX_UPLOAD_BYTES // 1024}kb")
+                max_file_size=f"{Limits.from_env().max_upload_bytes // 1024}kb")
 
 
 def _guard(fn):

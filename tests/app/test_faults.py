@@ -170,6 +170,14 @@ def test_generation_stops_at_the_request_time_limit(real_lm, monkeypatch):
     assert "cut at the time limit" in view.summary
 
 
+@pytest.mark.real_model
+def test_new_tokens_follow_the_operator_limit(real_lm, monkeypatch):
+    """POLAR_MAX_NEW_TOKENS below the app's 32 shortens every answer."""
+    monkeypatch.setenv("POLAR_MAX_NEW_TOKENS", "3")
+    view = H.run(real_lm, Session(), "Describe the water cycle in a few sentences.", "0-19")
+    assert view.edited.tokens == 3 and view.full.tokens == 3
+
+
 # --------------------------------------------------------- via the server
 @pytest.fixture(scope="module")
 def load_test():

@@ -139,6 +139,20 @@ def test_bad_uploads(data, message):
         H.program_from_upload(data, D)
 
 
+def test_limits_from_the_environment_apply_to_the_page(monkeypatch):
+    """An operator's POLAR_* limits bind the page's program text and uploads."""
+    monkeypatch.setenv("POLAR_MAX_UPLOAD_BYTES", "64")
+    monkeypatch.setenv("POLAR_MAX_STEPS_PER_LAYER", "1")
+    with pytest.raises(InputError, match="the limit is 30"):
+        H.parse_program("0-29, 29", D)
+    assert H.parse_program("0-29", D).num_steps == 30
+    with pytest.raises(InputError, match="at most 0 KB"):
+        H.program_from_upload(json.dumps({"path": list(range(D)), "num_layers": D}).encode(), D)
+    monkeypatch.setenv("POLAR_MAX_UPLOAD_BYTES", "4096")
+    with pytest.raises(InputError, match="31 steps; the limit is 30"):
+        H.program_from_upload(json.dumps({"path": list(range(D)) + [0], "num_layers": D}).encode(), D)
+
+
 # ---------------------------------------------------------------- models
 def test_model_allow_list(monkeypatch):
     monkeypatch.delenv("POLAR_MODELS", raising=False)
