@@ -516,6 +516,7 @@ def search_task_items(
     wave: int = 8,
     shots: int = 3,
     recheck_invalid: int = 8,
+    group: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[ItemRecord]:
     """Search every item with teacher-forced scoring, then verify by decoding.
@@ -529,6 +530,7 @@ def search_task_items(
 
     Args:
         methods: "mcts" and/or "greedy"; several share one verdict cache per item.
+        group: searches run in lock step together (default: 256 on CUDA, 8 on CPU).
         progress: called with (searches finished, searches in all).
     """
     from polar_core.executor import generate
@@ -542,6 +544,7 @@ def search_task_items(
     full = Program.full(D)
     initial = []
     step = 128 if lm.device.type == "cuda" else 16
+    group = group or (256 if lm.device.type == "cuda" else 8)
     for lo in range(0, len(items), step):
         chunk = items[lo : lo + step]
         traces = generate(lm, [build_prompt(it, shots) for it in chunk], full, max_new_tokens=8, chat=False, stop_strings=(STOP_TEXT,))
@@ -561,11 +564,19 @@ def search_task_items(
             scores = teacher_forced_scores(lm, [(targets[i], ps) for i, ps in jobs])
             return [[s.valid for s in job] for job in scores]
 
-        def on_round(done, _n, base=m_index * len(items)):
-            if progress is not None:
-                progress(base + done, total)
+        # Items run in lock step by groups: one group's rounds share batches;
+        # finished groups show as progress (all-at-once would show nothing
+        # until the very end on a CPU, where batching wider gains little).
+        results = []
+        for lo in range(0, len(items), group):
+            def on_round(done, _n, base=m_index * len(items) + lo):
+                if progress is not None:
+                    progress(base + done, total)
 
-        results = run_searches(searches, score_jobs, on_round)
+            group_jobs = lambda jobs, lo=lo: score_jobs([(lo + i, ps) for i, ps in jobs])  # noqa: E731
+            results += run_searches(searches[lo : lo + group], group_jobs, on_round)
+            if progress is not None:  # a search may end at its last ask, after the last round
+                progress(m_index * len(items) + len(results), total)
         for i, r in enumerate(results):
             scored[i] += r.programs_scored
             for p in (*r.valid, *r.invalid):

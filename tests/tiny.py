@@ -71,8 +71,14 @@ class CharTokenizer:
     def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [3 + ord(c) % 90 for c in text]}
 
+    def __len__(self):
+        return 97
+
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(97 + i % 26) for i in ids if i > 2)
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [self.decode(ids, skip_special_tokens) for ids in rows]
 
 
 def tiny_lm_with_chars():

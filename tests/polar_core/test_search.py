@@ -159,3 +159,24 @@ def test_summarize_counts_the_paper_statistics():
     assert stats["right_with_shorter_valid"] == 0.5
     assert stats["wrong_corrected_by_any"] == 0.5 and stats["wrong_corrected_by_shorter"] == 0.5
     assert stats["mean_shortest_valid_steps"] == pytest.approx((3 + 4 + 3) / 3, abs=1e-3)
+
+
+def test_task_item_search_gives_the_same_records_in_any_grouping():
+    """Searching items in lock-step groups of 1 or all at once finds the same
+    programs, and progress reaches every search."""
+    from tiny import tiny_lm_with_chars
+
+    from polar_core.search import search_task_items
+    from polar_core.tasks import sample_items
+
+    lm = tiny_lm_with_chars()
+    items = sample_items("capitals", 2, "test") + sample_items("add_1digit", 1, "test")
+    seen = []
+    one_by_one = search_task_items(lm, items, budget=6, recheck_invalid=2, group=1,
+                                   progress=lambda done, total: seen.append((done, total)))
+    together = search_task_items(lm, items, budget=6, recheck_invalid=2, group=len(items))
+    assert seen[-1] == (3, 3)
+    key = lambda r: (r.item_id, r.initial_answer, [p.path for p in r.valid], [p.path for p in r.invalid],  # noqa: E731
+                     r.programs_scored)
+    assert [key(r) for r in one_by_one] == [key(r) for r in together]
+    assert all(r.programs_scored > 0 and r.invalid for r in together)
