@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 
-.PHONY: demo test setup browser clean loadtest
+.PHONY: demo test setup browser clean loadtest router-eval
 
 demo: $(STAMP)
 	GRADIO_ANALYTICS_ENABLED=False HF_HUB_DISABLE_TELEMETRY=1 $(PY) app.py
@@ -17,6 +17,17 @@ setup: $(STAMP)
 # 127.0.0.1; every answer must equal its serial result. Writes the results file.
 loadtest: $(STAMP)
 	$(PY) bench/load_test.py --out bench/results/load_test.md
+
+# The router's whole pipeline as measured in bench/results/router_eval.md (about
+# 75 minutes on 2 CPU cores): search train and test items, train, evaluate.
+SUP := assets/supervision
+router-eval: $(STAMP)
+	$(PY) -m polar_core search --split train --per-family 10 --budget 40 --method mcts \
+	    --max-valid 32 --max-invalid 16 --out $(SUP)/smollm2_train.json
+	$(PY) -m polar_core search --split test --per-family 8 --budget 64 --method mcts --out $(SUP)/smollm2_test.json
+	$(PY) -m polar_core train --supervision $(SUP)/smollm2_train.json --out assets/router/smollm2-135m-instruct --epochs 40
+	$(PY) -m polar_core evaluate --split test --per-family 8 --supervision-train $(SUP)/smollm2_train.json \
+	    --supervision-test $(SUP)/smollm2_test.json --ood-family antonyms --fallback --out bench/results/router_eval.md
 
 # torch is pinned to the CPU build that installs from local disk; an unpinned
 # torch would pull a multi-GB CUDA build. The default model ships inside the
