@@ -318,8 +318,19 @@ def logit_lens_materialized(hidden, norm_weight, lm_head_weight, *, eps: float, 
                             norm_offset: float = 0.0, softcap: float | None = None) -> LensResult:
     """Naive version holding the full (N, V) logits: the oracle and the benchmark baseline."""
     _check_inputs(hidden, norm_weight, lm_head_weight, k, target_ids, softcap)
+    logits = lens_logits(hidden, norm_weight, lm_head_weight, eps=eps, norm_offset=norm_offset, softcap=softcap)
+    return lens_from_logits(logits, k=k, target_ids=target_ids)
+
+
+def lens_logits(hidden, norm_weight, lm_head_weight, *, eps: float, norm_offset: float = 0.0,
+                softcap: float | None = None) -> torch.Tensor:
+    """The full (N, V) float32 lens logits, computed as the fused kernels compute them."""
     x = rms_norm(hidden, norm_weight, eps, norm_offset).to(lm_head_weight.dtype)
-    logits = _softcap(_logits_f32(x, lm_head_weight), softcap)  # (N, V) fp32
+    return _softcap(_logits_f32(x, lm_head_weight), softcap)
+
+
+def lens_from_logits(logits: torch.Tensor, *, k: int = 5, target_ids=None) -> LensResult:
+    """The lens statistics of (N, V) float32 logits."""
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits - lse[:, None]  # (N, V)
     top_lp, top_ids = logp.topk(k, dim=-1)

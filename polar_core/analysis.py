@@ -166,6 +166,10 @@ class Lens:
     tracks: dict[str, TokenTrack] = field(default_factory=dict)
 
 
+# Lens logits up to this size are computed in one matmul (see logit_lens).
+MATERIALIZE_LENS_BYTES = 64 << 20
+
+
 def _lens_params(adapter) -> dict:
     return dict(eps=adapter.norm_eps, norm_offset=adapter.norm_offset, softcap=adapter.final_logit_softcap)
 
@@ -236,21 +240,33 @@ def logit_lens(
         targets: name -> token id to track (probability, rank, first top-1 step).
     """
     from kernels import fused_logit_lens
+    from kernels.logit_lens import lens_from_logits, lens_logits
 
     a = lm.adapter
     h = _last_token(step_hidden)[1:]  # (K, d)
     norm_w, head_w = a.norm.weight, a.lm_head.weight
     h = h.to(head_w.device)
-    res = fused_logit_lens(h, norm_w, head_w, k=min(k, head_w.shape[0]), **_lens_params(a))
+    k = min(k, head_w.shape[0])
+    names = list(targets or {})
+    ids = torch.tensor([targets[n] for n in names], device=h.device, dtype=torch.long).expand(h.shape[0], -1)  # (K, T)
+    # A program's last-token lens has few rows (K x V logits: 6 MB for 31 steps
+    # of SmolLM2): one matmul then serves the statistics and the target ranks.
+    # Many rows (every token) stream through the fused kernel, then a second,
+    # chunked pass ranks the targets, so memory stays bounded.
+    if h.shape[0] * head_w.shape[0] * 4 <= MATERIALIZE_LENS_BYTES:
+        logits = lens_logits(h, norm_w, head_w, **_lens_params(a))  # (K, V) fp32
+        res = lens_from_logits(logits, k=k)
+        z_t = logits.gather(1, ids)  # (K, T)
+        ranks = (logits[:, None, :] > z_t[:, :, None]).sum(-1) + 1
+    else:
+        res = fused_logit_lens(h, norm_w, head_w, k=k, **_lens_params(a))
+        z_t, ranks = target_logits_and_ranks(h, norm_w, head_w, ids, **_lens_params(a)) if names else (None, None)
     top_ids = res.top_ids.cpu()
     flat = decode_tokens(lm, top_ids.flatten().tolist())
     width = top_ids.shape[1]
     lens = Lens(top_ids, res.top_logprobs.exp().cpu(), [flat[i : i + width] for i in range(0, len(flat), width)],
                 res.entropy.cpu())
-    if targets:
-        names = list(targets)
-        ids = torch.tensor([targets[n] for n in names], device=h.device).expand(h.shape[0], -1)  # (K, T)
-        z_t, ranks = target_logits_and_ranks(h, norm_w, head_w, ids, **_lens_params(a))
+    if names:
         probs = (z_t - res.logsumexp[:, None]).exp().cpu()
         for j, name in enumerate(names):
             token_id = int(targets[name])

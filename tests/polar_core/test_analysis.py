@@ -98,6 +98,24 @@ def test_lens_at_the_last_step_is_the_models_own_top_k(family):
     assert lens.top_tokens[-1][0] == f"<{want.indices[0].item()}>"  # no tokenizer: ids written out
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_one_matmul_lens_equals_the_streamed_lens(family, monkeypatch):
+    """Small lenses take one matmul, large ones the fused kernel + a rank pass: same results."""
+    lm = build_tiny(family)
+    trace = _trace(lm, Program.parse("0-1, 1-3x2", lm.num_layers))
+    targets = {"a": 7, "b": int(trace.final_logits.argmax())}
+    small = logit_lens(lm, trace.step_hidden, k=5, targets=targets)
+    monkeypatch.setattr(analysis, "MATERIALIZE_LENS_BYTES", 0)
+    streamed = logit_lens(lm, trace.step_hidden, k=5, targets=targets)
+    assert small.top_ids.tolist() == streamed.top_ids.tolist()
+    torch.testing.assert_close(small.top_probs, streamed.top_probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(small.entropy, streamed.entropy, atol=1e-4, rtol=1e-4)
+    for name in targets:
+        assert small.tracks[name].rank.tolist() == streamed.tracks[name].rank.tolist()
+        torch.testing.assert_close(small.tracks[name].prob, streamed.tracks[name].prob, atol=1e-5, rtol=1e-4)
+    assert streamed.tracks["b"].rank[-1] == 1
+
+
 def test_ranks_equal_a_full_count_across_vocabulary_chunks(llama, full_trace):
     a = llama.adapter
     h = full_trace.step_hidden[1:, -1]  # (4, d)
