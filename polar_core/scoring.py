@@ -347,7 +347,8 @@ def decode_valid(
     batch_size: int | None = None,
 ) -> list[bool]:
     """Exact validity: greedy decoding under each program, then the task checker."""
-    return [check_answer(extract_answer(t), item) for t in decode_texts(lm, item, programs, shots=shots, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+    texts = decode_texts(lm, item, programs, shots=shots, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [check_answer(extract_answer(t), item) for t in texts]
 
 
 def decode_texts(

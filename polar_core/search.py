@@ -32,6 +32,7 @@ repeated r <= 4 times); if some are valid, continue from the shortest one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -560,8 +561,8 @@ def search_task_items(
     for m_index, method in enumerate(methods):
         searches = [make_search(method, D, budget=budget, seed=seed, cache=caches[i], **({"wave": wave} if method == "mcts" else {})) for i in range(len(items))]
 
-        def score_jobs(jobs):
-            scores = teacher_forced_scores(lm, [(targets[i], ps) for i, ps in jobs])
+        def score_jobs(jobs, offset):  # jobs index their group; the group starts at item `offset`
+            scores = teacher_forced_scores(lm, [(targets[offset + i], ps) for i, ps in jobs])
             return [[s.valid for s in job] for job in scores]
 
         # Items run in lock step by groups: one group's rounds share batches;
@@ -573,8 +574,7 @@ def search_task_items(
                 if progress is not None:
                     progress(base + done, total)
 
-            group_jobs = lambda jobs, lo=lo: score_jobs([(lo + i, ps) for i, ps in jobs])  # noqa: E731
-            results += run_searches(searches[lo : lo + group], group_jobs, on_round)
+            results += run_searches(searches[lo : lo + group], functools.partial(score_jobs, offset=lo), on_round)
             if progress is not None:  # a search may end at its last ask, after the last round
                 progress(m_index * len(items) + len(results), total)
         for i, r in enumerate(results):
