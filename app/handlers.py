@@ -300,6 +300,7 @@ class RunView:
     figures: dict = field(default_factory=dict)  # name -> go.Figure
     same_answer: bool = True
     analysis: object = None  # polar_core.analysis.Analysis
+    trace: object = None  # polar_core.executor.Trace of the edited program
 
 
 def marked_spans(lm: LoadedModel, trace, changed: Sequence[tuple[int, int]],
@@ -329,7 +330,7 @@ def marked_spans(lm: LoadedModel, trace, changed: Sequence[tuple[int, int]],
     return spans or [("(empty answer)", label if changed else None)]
 
 
-def _generate(lm: LoadedModel, prompt: str, program: Program):
+def _generate(lm: LoadedModel, prompt: str, program: Program, draft: list[int] | None = None):
     plain = is_few_shot(prompt)
     limits = Limits.from_env()
     try:
@@ -337,7 +338,8 @@ def _generate(lm: LoadedModel, prompt: str, program: Program):
         # away: Gradio cannot interrupt a handler that is already running.
         return generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens), chat=not plain,
                         stop_strings=STOP_PLAIN if plain else (), capture="last",
-                        max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds)[0]
+                        max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds,
+                        draft=draft)[0]
     except (PromptError, ProgramError) as exc:
         raise InputError(str(exc)) from None
 
@@ -359,14 +361,16 @@ def run(lm: LoadedModel, session: Session, prompt, program_text, expected="") ->
     prompt, expected = check_prompt(prompt), check_expected(expected)
     program = parse_program(program_text, lm.num_layers)
     base = baseline_trace(lm, session, prompt)
-    trace = base if program.is_full else _generate(lm, prompt, program)
+    # Edited answers often run like the full one for a while: checking the full
+    # answer as a draft, several tokens per pass, decodes those stretches fast.
+    trace = base if program.is_full else _generate(lm, prompt, program, draft=base.token_ids)
     result = analyze(lm, trace, base, expected=expected or None, k=5)
     diff = result.answer_diff
     full = Answer(base.text.strip(), marked_spans(lm, base, [(s.a_start, s.a_end) for s in diff.spans], "differs"),
                   result.baseline_expected_met, base.program.num_steps, base.total_seconds, len(base.token_ids))
     edited = Answer(trace.text.strip(), marked_spans(lm, trace, [(s.b_start, s.b_end) for s in diff.spans]),
                     result.expected_met, program.num_steps, trace.total_seconds, len(trace.token_ids))
-    view = RunView(full, edited, run_summary(base, trace), same_answer=diff.identical, analysis=result)
+    view = RunView(full, edited, run_summary(base, trace), same_answer=diff.identical, analysis=result, trace=trace)
     view.figures = analysis_figures(result)
     return view
 

@@ -447,6 +447,7 @@ def generate(
     max_prompt_tokens: int | None = None,
     time_limit_s: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    draft: Sequence[int] | None = None,
 ) -> list[Trace]:
     """Generate under a program per prompt (or one program for all; None = full).
 
@@ -466,6 +467,16 @@ def generate(
             end with finish_reason "time".
         should_stop: polled between tokens; True ends decoding early the same
             way (finish_reason "cancelled"), e.g. when a web request is cancelled.
+        draft: token ids the answer probably resembles, e.g. the full program's
+            answer when running an edited program. Needs one prompt, greedy
+            decoding and the cache. Continuations proposed from the draft are
+            checked several tokens per forward pass and kept only where they
+            equal the program's own greedy choice (speculative decoding with the
+            draft as proposer), so the answer is the one plain decoding gives
+            (up to float rounding: a multi-token pass may break a near-tie
+            differently, as a different batch size may), in fewer passes when
+            the answer follows the draft. `Trace.extras` counts the passes and
+            the draft tokens kept.
     Returns:
         One Trace per prompt, in order.
     """
@@ -476,30 +487,41 @@ def generate(
     batch = prompts if isinstance(prompts, EncodedBatch) else encode_prompts(lm, prompts, chat, max_prompt_tokens)
     size = batch.input_ids.shape[0]
     programs = resolve_programs(lm, programs, size)
+    if draft is not None and (size != 1 or sampling.temperature > 0 or not use_cache):
+        raise ValueError("a draft needs one prompt, greedy decoding and use_cache=True")
     generator = None
     if sampling.temperature > 0:
         generator = torch.Generator(device=lm.device)
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
 
     started = time.perf_counter()
-    capacity = batch.input_ids.shape[1] + max_new_tokens if use_cache else None
+    # A draft check may write up to MAX_PROPOSAL positions past the answer before they are rewound.
+    capacity = batch.input_ids.shape[1] + max_new_tokens + (MAX_PROPOSAL if draft is not None else 0) if use_cache else None
     pre = prefill(lm, batch, programs, capture=capture, cache_capacity=capacity)
     prefill_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
     decoder = _Decoder(lm, batch, programs, pre, stop_strings, stop_at_eos, use_cache)
-    logits = pre.logits
-    for step in range(max_new_tokens):
-        finished = decoder.push(_choose(logits, sampling, generator))
-        if finished or step == max_new_tokens - 1:
-            break  # no forward pass for a token nobody will read
+
+    def interrupted() -> bool:
         if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
             decoder.interrupt("time")
-            break
+            return True
         if should_stop is not None and should_stop():
             decoder.interrupt("cancelled")
-            break
-        logits = decoder.next_logits()
+            return True
+        return False
+
+    extras: dict = {}
+    if draft is not None and max_new_tokens > 0:
+        extras = _decode_with_draft(decoder, pre.logits, list(draft), max_new_tokens, interrupted)
+    else:
+        logits = pre.logits
+        for step in range(max_new_tokens):
+            finished = decoder.push(_choose(logits, sampling, generator))
+            if finished or step == max_new_tokens - 1 or interrupted():
+                break  # no forward pass for a token nobody will read
+            logits = decoder.next_logits()
     decode_seconds = time.perf_counter() - started
 
     traces = []
@@ -516,9 +538,62 @@ def generate(
                 step_hidden=pre.step_hidden[row] if pre.step_hidden else None,
                 prefill_seconds=prefill_seconds,
                 decode_seconds=decode_seconds,
+                extras=dict(extras),
             )
         )
     return traces
+
+
+# ---------------------------------------------------------------- drafts
+
+MAX_PROPOSAL = 32  # draft tokens checked in one pass; on 2 CPU cores a 33-token pass costs ~2.3 one-token passes
+
+
+def propose_from_draft(draft: Sequence[int], generated: Sequence[int], limit: int) -> list[int]:
+    """Up to `limit` tokens that might come next: the rest of the draft while the
+    answer so far is a prefix of it, else none.
+
+    Guessing on after the answer left the draft (n-gram lookup) was measured
+    and lost: on the app-latency edits the wrong guesses cost more passes than
+    the right ones saved.
+    """
+    done = len(generated)
+    if limit <= 0 or list(draft[:done]) != list(generated):
+        return []
+    return list(draft[done : done + limit])
+
+
+def _decode_with_draft(decoder: "_Decoder", logits: torch.Tensor, draft: list[int], max_new_tokens: int,
+                       interrupted: Callable[[], bool]) -> dict:
+    """Greedy decoding of one row that checks draft proposals in one pass each.
+
+    A pass feeds the last chosen token plus the proposal; the program's greedy
+    choice at every position says how many proposed tokens to keep, and the
+    choice after the last kept one comes free. The cache positions of the
+    rejected tokens are rewound.
+    """
+    produced, passes, kept = 0, 0, 0
+    new_tokens = [int(logits[0].argmax())]
+    while True:
+        for token in new_tokens:
+            finished = decoder.push(torch.tensor([token], device=logits.device))
+            produced += 1
+            if finished or produced == max_new_tokens:
+                return {"decode_passes": passes, "draft_tokens_kept": kept}
+        if interrupted():
+            return {"decode_passes": passes, "draft_tokens_kept": kept}
+        passes += 1
+        proposal = propose_from_draft(draft, decoder.tokens[0], min(MAX_PROPOSAL, max_new_tokens - produced - 1))
+        if not proposal:  # off the draft: the plain one-token step
+            new_tokens = [int(decoder.next_logits()[0].argmax())]
+            continue
+        chosen = decoder.check(proposal).argmax(-1).tolist()  # (1 + len(proposal),)
+        accepted = 0
+        while accepted < len(proposal) and chosen[accepted] == proposal[accepted]:
+            accepted += 1
+        decoder.rewind(len(proposal) - accepted)
+        kept += accepted
+        new_tokens = proposal[:accepted] + [chosen[accepted]]
 
 
 class _Decoder:
@@ -566,6 +641,23 @@ class _Decoder:
             return decode_step(self.lm, self.ids[:, -1], self.mask, self.programs, self.cache)
         full = EncodedBatch(self.ids, self.mask, self.batch.lengths)
         return forward_logits(self.lm, full, self.programs)[:, -1]
+
+    @torch.inference_mode()
+    def check(self, proposal: list[int]) -> torch.Tensor:
+        """Logits (1 + len(proposal), V) after the last chosen token and after
+        each proposed one, cached; one row only."""
+        feed = torch.tensor([[*self.ids[0, -1:].tolist(), *proposal]], device=self.ids.device)
+        key_mask = torch.cat([self.mask, self.mask.new_ones((1, len(proposal)))], dim=1)
+        adapter = self.lm.adapter
+        hidden = adapter.embed(feed)
+        pos = make_positions(adapter, hidden, key_mask, self.cache.length)
+        schedule = _schedule([p.path for p in self.programs], hidden.device)
+        hidden, _ = _run_steps(adapter, schedule, hidden, pos, self.cache, None)
+        return adapter.logits(hidden[0]).float()
+
+    def rewind(self, positions: int) -> None:
+        """Forget the last `positions` cached positions (rejected proposals)."""
+        self.cache.length -= positions
 
     def result(self, row: int) -> tuple[list[int], str, str]:
         tokens = self.tokens[row]

@@ -20,13 +20,14 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from polar_core.adapter import Adapter, get_adapter
+from polar_core.layout import tune_cpu_layouts
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -57,6 +58,8 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     adapter: Adapter
+    # How each Linear weight shape is stored on the CPU, as measured at load (see polar_core.layout).
+    layouts: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def num_layers(self) -> int:
@@ -192,7 +195,8 @@ def _load_cached(spec: str, device: str, dtype: str) -> LoadedModel:
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=get_adapter(model))
+    layouts = tune_cpu_layouts(model) if model.device.type == "cpu" else {}
+    return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=get_adapter(model), layouts=layouts)
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:

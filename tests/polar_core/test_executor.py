@@ -215,3 +215,72 @@ def test_time_limit_and_cancellation_end_generation_cleanly(tiny_llama):
     # The model is unharmed: the next request equals a fresh one.
     again = generate(tiny_llama, _batch(), None, max_new_tokens=5, stop_at_eos=False)
     assert [t.token_ids for t in again] == [t.token_ids[:5] for t in generate(tiny_llama, _batch(), None, max_new_tokens=5, stop_at_eos=False)]
+
+
+# ---------------------------------------------------------------- drafts
+
+
+def _drafts(answer: list[int]) -> dict[str, list[int]]:
+    """Drafts a run may be handed: its own answer, one that leaves it midway, one that never matches."""
+    half = len(answer) // 2
+    return {
+        "own answer": answer,
+        "leaves midway": answer[:half] + [(t + 1) % 50 for t in answer[half:]],
+        "never matches": [(answer[0] + 1) % 50] * len(answer),
+        "empty": [],
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3"])
+@pytest.mark.parametrize("text", ["0-3", "0-1, 2x3, 3", "0, 3"])
+def test_decoding_with_a_draft_equals_plain_greedy(family, text):
+    """The draft only proposes; every kept token is the program's own greedy choice.
+    gemma3_text's 5-token sliding window is crossed inside multi-token passes."""
+    lm = build_tiny(family)
+    program = Program.parse(text, lm.num_layers)
+    prompt = _batch(ROWS[:1])
+    plain = generate(lm, prompt, program, max_new_tokens=16, stop_at_eos=False)[0]
+    for name, draft in _drafts(plain.token_ids).items():
+        drafted = generate(lm, prompt, program, max_new_tokens=16, stop_at_eos=False, draft=draft)[0]
+        assert drafted.token_ids == plain.token_ids, name
+        assert drafted.finish_reason == plain.finish_reason == "length"
+    own = generate(lm, prompt, program, max_new_tokens=16, stop_at_eos=False, draft=plain.token_ids)[0]
+    # Token 1 comes from the prompt pass, 2-16 from one pass over the draft.
+    assert own.extras == {"decode_passes": 1, "draft_tokens_kept": 14}
+
+
+def test_a_draft_stops_at_eos_and_max_tokens_like_plain_decoding(tiny_llama):
+    prompt = _batch(ROWS[:1])
+    greedy = generate(tiny_llama, prompt, None, max_new_tokens=12, stop_at_eos=False)[0].token_ids
+    short = generate(tiny_llama, prompt, None, max_new_tokens=5, stop_at_eos=False, draft=greedy)[0]
+    assert short.token_ids == greedy[:5] and short.finish_reason == "length"
+    lm = tiny_llama
+    original = lm.model.generation_config.eos_token_id
+    lm.model.generation_config.eos_token_id = greedy[6]  # an EOS inside the draft's span
+    try:
+        plain = generate(lm, prompt, None, max_new_tokens=12)[0]
+        drafted = generate(lm, prompt, None, max_new_tokens=12, draft=greedy)[0]
+    finally:
+        lm.model.generation_config.eos_token_id = original
+    assert drafted.token_ids == plain.token_ids and drafted.finish_reason == plain.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("kwargs", [{"sampling": Sampling(1.0, seed=0)}, {"use_cache": False}])
+def test_a_draft_needs_greedy_cached_decoding(tiny_llama, kwargs):
+    with pytest.raises(ValueError, match="draft needs one prompt"):
+        generate(tiny_llama, _batch(ROWS[:1]), None, max_new_tokens=4, draft=[1, 2], **kwargs)
+
+
+def test_a_draft_needs_one_prompt(tiny_llama):
+    with pytest.raises(ValueError, match="draft needs one prompt"):
+        generate(tiny_llama, _batch(), None, max_new_tokens=4, draft=[1, 2])
+
+
+def test_proposals_follow_the_draft_only_while_the_answer_does():
+    from polar_core.executor import propose_from_draft
+
+    assert propose_from_draft([5, 6, 7, 8], [5, 6], limit=8) == [7, 8]
+    assert propose_from_draft([5, 6, 7, 8], [], limit=3) == [5, 6, 7]
+    assert propose_from_draft([5, 6, 7, 8], [5, 9], limit=8) == []
+    assert propose_from_draft([5, 6], [5, 6, 7], limit=8) == []
+    assert propose_from_draft([5, 6, 7], [5], limit=0) == []
