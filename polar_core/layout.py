@@ -14,11 +14,19 @@ becomes a transposed view of an input-major copy), so the model computes the
 same function. Results may differ in the last bits, as between any two BLAS
 kernels; the identity invariant holds because the model's own `forward` and
 the executor share the same modules.
+
+Decisions are remembered per CPU, torch version, thread count, shape and
+dtype in a small JSON file, so later loads skip the timing.
 """
 from __future__ import annotations
 
+import json
+import os
+import platform
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,23 +78,72 @@ def _linear_groups(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Paramete
     return groups
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _decision_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    return (f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+            f"{out_features} x {in_features} {str(dtype).replace('torch.', '')}")
+
+
+def _read_decisions(path: Path | None) -> dict[str, bool]:
+    try:
+        data = json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again
+    return {k: v for k, v in data.items() if isinstance(v, bool)} if isinstance(data, dict) else {}
+
+
+def _write_decisions(path: Path, decisions: dict[str, bool]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(decisions, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the timing at the next load
+
+
+def _measure(weights: list[torch.nn.Parameter]) -> tuple[bool, str, list[torch.Tensor]]:
+    """Time both layouts on a sample: (input-major faster?, label, the relaid sample)."""
+    sample = weights[:SAMPLE]
+    row_major = _seconds_per_product([w.data for w in sample])
+    relaid = [input_major(w.data) for w in sample]
+    col_major = _seconds_per_product(relaid)
+    return col_major < MARGIN * row_major, f"{row_major * 1e6:.0f} -> {col_major * 1e6:.0f} us per token", relaid
+
+
 @torch.no_grad()
-def tune_cpu_layouts(model: torch.nn.Module) -> dict[str, str]:
+def tune_cpu_layouts(model: torch.nn.Module, decisions_file: Path | None = None) -> dict[str, str]:
     """Store each Linear weight shape input-major where that multiplies one
-    token faster on this CPU. Returns {"out x in": "input-major (a -> b us)" or
-    "row-major (...)"} for the record; a no-op off the CPU."""
+    token faster on this CPU, timed now or read from `decisions_file`.
+    Returns {"out x in": "input-major (...)" or "row-major (...)"} for the
+    record; CPU weights only."""
+    decisions = _read_decisions(decisions_file)
+    known = dict(decisions)
     choices: dict[str, str] = {}
-    for (out_features, in_features, _), weights in _linear_groups(model).items():
+    for (out_features, in_features, dtype), weights in _linear_groups(model).items():
         if weights[0].device.type != "cpu" or any(is_input_major(w) for w in weights):
             continue
-        sample = weights[:SAMPLE]
-        row_major = _seconds_per_product([w.data for w in sample])
-        relaid = [input_major(w.data) for w in sample]
-        col_major = _seconds_per_product(relaid)
-        faster = col_major < MARGIN * row_major
-        label = f"{row_major * 1e6:.0f} -> {col_major * 1e6:.0f} us per token"
+        key = _decision_key(out_features, in_features, dtype)
+        relaid: list[torch.Tensor] = []
+        if key in decisions:
+            faster, label = decisions[key], "decided at an earlier load"
+        else:
+            faster, label, relaid = _measure(weights)
+            decisions[key] = faster
         choices[f"{out_features} x {in_features}"] = ("input-major" if faster else "row-major") + f" ({label})"
         if faster:
             for i, w in enumerate(weights):
                 w.data = relaid[i] if i < len(relaid) else input_major(w.data)
+    if decisions_file is not None and decisions != known:
+        _write_decisions(decisions_file, decisions)
     return choices

@@ -195,7 +195,7 @@ def _load_cached(spec: str, device: str, dtype: str) -> LoadedModel:
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    layouts = tune_cpu_layouts(model) if model.device.type == "cpu" else {}
+    layouts = tune_cpu_layouts(model, cache_root() / "cpu_layouts.json") if model.device.type == "cpu" else {}
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=get_adapter(model), layouts=layouts)
 
 

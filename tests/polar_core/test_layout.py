@@ -68,3 +68,22 @@ def test_a_slower_layout_is_left_alone_and_tuning_twice_changes_nothing(monkeypa
     _favour(monkeypatch, input_major=True)
     layout.tune_cpu_layouts(lm.model)
     assert layout.tune_cpu_layouts(lm.model) == {}  # every shape already decided
+
+
+def test_decisions_are_remembered_and_a_damaged_record_is_measured_again(monkeypatch, tmp_path):
+    record = tmp_path / "cpu_layouts.json"
+    _favour(monkeypatch, input_major=True)
+    first = layout.tune_cpu_layouts(_fresh().model, record)
+    assert record.is_file() and all("input-major" in c for c in first.values())
+
+    def no_timing(weights):
+        raise AssertionError("a remembered decision was timed again")
+    monkeypatch.setattr(layout, "_seconds_per_product", no_timing)
+    second_model = _fresh()
+    second = layout.tune_cpu_layouts(second_model.model, record)
+    assert second.keys() == first.keys() and all("earlier load" in c for c in second.values())
+    assert all(layout.is_input_major(w) for w in _weights(second_model))
+
+    record.write_text("{not json")
+    _favour(monkeypatch, input_major=False)
+    assert all(c.startswith("row-major") for c in layout.tune_cpu_layouts(_fresh().model, record).values())
