@@ -401,11 +401,14 @@ def analysis_figures(a) -> dict:
     """
     program = a.program
     track = a.lens.tracks.get("expected") or a.lens.tracks.get("answer")
+    # The answer opened with a bare space token: the lens looks one token on (polar_core.analysis.lens_states).
+    past_space = " (one token into the answer, past its leading space)" if a.lens_offset else ""
     figs = {
         "similarity": figures.similarity_heatmap(a.similarity.numpy(), a.similarity_labels),
         "logit_lens": figures.logit_lens_grid(
             a.labels, [[figures.display_token(t) for t in row] for row in a.lens.top_tokens],
-            a.lens.top_probs.numpy(), highlight_token=figures.display_token(track.token) if track else None),
+            a.lens.top_probs.numpy(), highlight_token=figures.display_token(track.token) if track else None,
+            title="Logit lens: top tokens after each step" + past_space),
         "block_influence": figures.block_influence_bar(a.block_influence.numpy(), a.labels, a.ops),
         "alignment": figures.alignment_curve(a.labels, a.cos_to_baseline.numpy(), a.cos_to_final.numpy()),
     }
@@ -417,6 +420,9 @@ def analysis_figures(a) -> dict:
         if not program.is_full:
             series["edited program"] = (a.labels, track.prob.tolist())
         figs["answer_probability"] = figures.answer_probability_curve(series, token=track.token)
+        if a.lens_offset or a.baseline_lens_offset:
+            figs["answer_probability"].update_layout(
+                title_text=figs["answer_probability"].layout.title.text + ", chosen after the answer's leading space")
     return figs
 
 

@@ -399,6 +399,10 @@ class Analysis:
     expected_met: bool | None
     baseline_expected_met: bool | None
     seconds: float  # time analyze took
+    # Answer tokens before the lens position: 1 when the answer opens with a
+    # bare space and the lens looks where its first content token is chosen.
+    lens_offset: int = 0
+    baseline_lens_offset: int = 0
 
     def answer_probability_series(self, name: str = "answer") -> dict[str, tuple[list[str], list[float]]]:
         """{"full program": ..., "edited program": ...} for figures.answer_probability_curve."""
@@ -410,13 +414,39 @@ class Analysis:
         return series
 
 
+def _is_blank(lm: LoadedModel, token_id: int) -> bool:
+    return not decode_tokens(lm, [token_id])[0].strip()
+
+
+def _first_content(lm: LoadedModel, ids: Sequence[int]) -> int | None:
+    """The first id that is not whitespace alone (else the first id)."""
+    for i in ids:
+        if not _is_blank(lm, i):
+            return int(i)
+    return int(ids[0]) if ids else None
+
+
+def lens_states(lm: LoadedModel, trace) -> tuple[torch.Tensor, int]:
+    """Where a trace's logit lens looks: (per-step states, answer tokens before it).
+
+    At the last prompt token, where the answer's first token is chosen, unless
+    that token is whitespace alone (SmolLM2 writes " 7" as " ", "7"): a lens
+    of the space says nothing, so it looks one token on, where the first
+    digit or word is chosen.
+    """
+    ids = trace.token_ids
+    if getattr(trace, "answer_step_hidden", None) is not None and len(ids) >= 2 and _is_blank(lm, ids[0]):
+        return trace.answer_step_hidden, 1
+    return trace.step_hidden, 0
+
+
 def _targets(lm: LoadedModel, trace, baseline, expected) -> dict[str, int]:
-    """Tokens to track: the answer's first token (this program's, else the full
-    program's when this one answered nothing), and the expected answer's."""
+    """Tokens to track: the answer's first content token (this program's, else
+    the full program's when this one answered nothing), and the expected answer's."""
     targets = {}
-    first = trace.token_ids[:1] or baseline.token_ids[:1]
-    if first:
-        targets["answer"] = int(first[0])
+    answer = _first_content(lm, trace.token_ids) if trace.token_ids else _first_content(lm, baseline.token_ids)
+    if answer is not None:
+        targets["answer"] = answer
     if expected is not None and not isinstance(expected, str):
         ids = [int(i) for i in expected]
     elif expected:
@@ -424,7 +454,7 @@ def _targets(lm: LoadedModel, trace, baseline, expected) -> dict[str, int]:
     else:
         ids = []
     if ids:
-        targets["expected"] = ids[0]
+        targets["expected"] = _first_content(lm, ids)
     return targets
 
 
@@ -449,6 +479,8 @@ def analyze(lm: LoadedModel, trace, baseline, *, expected: str | Sequence[int] |
     bi = block_influence(hidden)
     many = hidden.dim() == 3
     targets = _targets(lm, trace, baseline, expected)
+    lens_hidden, lens_offset = lens_states(lm, trace)
+    baseline_lens_hidden, baseline_lens_offset = lens_states(lm, baseline)
     sim = similarity_matrix(hidden)
     to_same, to_final = alignment(trace, baseline)
     text = expected if isinstance(expected, str) else None
@@ -465,9 +497,9 @@ def analyze(lm: LoadedModel, trace, baseline, *, expected: str | Sequence[int] |
         similarity_mean=similarity_matrix(hidden, tokens="mean").cpu() if many else None,
         cos_to_baseline=to_same.cpu(),
         cos_to_final=to_final.cpu(),
-        lens=logit_lens(lm, hidden, k=k, targets=targets),
+        lens=logit_lens(lm, lens_hidden, k=k, targets=targets),
         baseline_labels=step_labels(baseline.program.path),
-        baseline_lens=logit_lens(lm, baseline.step_hidden, k=k, targets=targets),
+        baseline_lens=logit_lens(lm, baseline_lens_hidden, k=k, targets=targets),
         answer_diff=answer_diff(baseline.token_ids, trace.token_ids, decode),
         answer_text=trace.text,
         baseline_text=baseline.text,
@@ -475,6 +507,8 @@ def analyze(lm: LoadedModel, trace, baseline, *, expected: str | Sequence[int] |
         expected_met=expected_met(trace.text, text),
         baseline_expected_met=expected_met(baseline.text, text),
         seconds=time.perf_counter() - started,
+        lens_offset=lens_offset,
+        baseline_lens_offset=baseline_lens_offset,
     )
 
 

@@ -66,8 +66,11 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     if not program.is_full:
         print(f"full program answer: {base.text.strip()!r}")
     lens, tracks = result.lens, result.lens.tracks
+    if result.lens_offset:
+        print("the answer opens with a bare space token: the lens is taken one token on, where its first "
+              "content token is chosen")
     for name, t in tracks.items():
-        what = "first token of the program's answer" if name == "answer" else "first token of the expected answer"
+        what = "first content token of the program's answer" if name == "answer" else "first content token of the expected answer"
         print(f"{name} token: {t.token!r} ({what})")
     header = f"{'step':>4} {'layer':>5}  {'top-1':<16} {'p':>6}"
     header += "".join(f"  {name + ' rank':>15} {name + ' p':>11}" for name in tracks)

@@ -362,14 +362,17 @@ def forward_logits(lm: LoadedModel, batch: EncodedBatch, programs: Sequence[Prog
     return adapter.logits(hidden).float()
 
 
-@torch.inference_mode()
-def decode_step(lm: LoadedModel, tokens: torch.Tensor, key_mask: torch.Tensor, programs: Sequence[Program], cache: StepCache) -> torch.Tensor:
-    """Feed one new token per row (B,) through the cached programs; next-token logits (B, V)."""
+def _forward_cached(lm: LoadedModel, tokens: torch.Tensor, key_mask: torch.Tensor, programs: Sequence[Program],
+                    cache: StepCache, capture: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Feed new tokens (B, t) through the cached programs: the final hidden
+    states (B, t, d) and, with capture="all", [embeddings, after step 1, ...]."""
     adapter = lm.adapter
-    hidden = adapter.embed(tokens[:, None])  # (B, 1, d)
+    hidden = adapter.embed(tokens)  # (B, t, d)
+    first = [hidden.clone()] if capture else []
     pos = make_positions(adapter, hidden, key_mask, cache.length)
-    hidden, _ = _run_steps(adapter, _schedule([p.path for p in programs], hidden.device), hidden, pos, cache, None)
-    return adapter.logits(hidden[:, -1]).float()
+    hidden, snapshots = _run_steps(adapter, _schedule([p.path for p in programs], hidden.device), hidden, pos, cache,
+                                   capture)
+    return hidden, first + snapshots
 
 
 @dataclass
@@ -383,6 +386,9 @@ class Trace:
     finish_reason: str  # "eos" | "stop" | "length" | "time" | "cancelled"
     final_logits: torch.Tensor  # (V,) next-token logits at the last prompt token
     step_hidden: torch.Tensor | None = None  # (K+1, d) or (K+1, T, d); row 0 = embeddings
+    # (K+1, d) at the first answer token, where the second is chosen: the lens
+    # follows answers that open with a bare space token (SmolLM2's " 7" is " ", "7").
+    answer_step_hidden: torch.Tensor | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     extras: dict = field(default_factory=dict)
@@ -460,7 +466,9 @@ def generate(
         stop_strings: generation of a row stops once its text contains one of
             these; the text is cut before it.
         capture: None, "last" (per-step hidden state of the last prompt token)
-            or "all" (every prompt token).
+            or "all" (every prompt token); either also keeps the per-step
+            states at the first answer token (`Trace.answer_step_hidden`,
+            cached decoding only, answers of two or more tokens).
         use_cache: False recomputes the whole sequence for every new token (the
             slow reference the cached path is tested against).
         time_limit_s: stop decoding after this much wall time; unfinished rows
@@ -501,7 +509,7 @@ def generate(
     prefill_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    decoder = _Decoder(lm, batch, programs, pre, stop_strings, stop_at_eos, use_cache)
+    decoder = _Decoder(lm, batch, programs, pre, stop_strings, stop_at_eos, use_cache, capture is not None)
 
     def interrupted() -> bool:
         if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
@@ -536,6 +544,7 @@ def generate(
                 finish_reason=reason,
                 final_logits=pre.logits[row],
                 step_hidden=pre.step_hidden[row] if pre.step_hidden else None,
+                answer_step_hidden=decoder.answer_states[row] if decoder.answer_states and len(tokens) >= 2 else None,
                 prefill_seconds=prefill_seconds,
                 decode_seconds=decode_seconds,
                 extras=dict(extras),
@@ -599,8 +608,11 @@ def _decode_with_draft(decoder: "_Decoder", logits: torch.Tensor, draft: list[in
 class _Decoder:
     """Per-row bookkeeping of a generation loop: tokens, stop conditions, cache."""
 
-    def __init__(self, lm, batch, programs, pre, stop_strings, stop_at_eos, use_cache):
+    def __init__(self, lm, batch, programs, pre, stop_strings, stop_at_eos, use_cache, capture_answer=False):
         self.lm, self.batch, self.programs = lm, batch, programs
+        # Per-step states at the first answer token, taken in the first decoding pass.
+        self.capture_answer = capture_answer and use_cache
+        self.answer_states: list[torch.Tensor] | None = None
         self.cache = pre.cache if use_cache else None
         self.eos = eos_token_ids(lm) if stop_at_eos else set()
         self.stop_strings = tuple(s for s in stop_strings if s)
@@ -636,11 +648,14 @@ class _Decoder:
         text = self.lm.tokenizer.decode(self.tokens[row][-8:], skip_special_tokens=True)
         return any(s in text for s in self.stop_strings)
 
+    @torch.inference_mode()
     def next_logits(self) -> torch.Tensor:
-        if self.cache is not None:
-            return decode_step(self.lm, self.ids[:, -1], self.mask, self.programs, self.cache)
-        full = EncodedBatch(self.ids, self.mask, self.batch.lengths)
-        return forward_logits(self.lm, full, self.programs)[:, -1]
+        """Logits (B, V) after the last chosen token of every row."""
+        if self.cache is None:
+            full = EncodedBatch(self.ids, self.mask, self.batch.lengths)
+            return forward_logits(self.lm, full, self.programs)[:, -1]
+        hidden = self._forward(self.ids[:, -1:], self.mask)
+        return self.lm.adapter.logits(hidden[:, -1]).float()
 
     @torch.inference_mode()
     def check(self, proposal: list[int]) -> torch.Tensor:
@@ -648,12 +663,18 @@ class _Decoder:
         each proposed one, cached; one row only."""
         feed = torch.tensor([[*self.ids[0, -1:].tolist(), *proposal]], device=self.ids.device)
         key_mask = torch.cat([self.mask, self.mask.new_ones((1, len(proposal)))], dim=1)
-        adapter = self.lm.adapter
-        hidden = adapter.embed(feed)
-        pos = make_positions(adapter, hidden, key_mask, self.cache.length)
-        schedule = _schedule([p.path for p in self.programs], hidden.device)
-        hidden, _ = _run_steps(adapter, schedule, hidden, pos, self.cache, None)
-        return adapter.logits(hidden[0]).float()
+        return self.lm.adapter.logits(self._forward(feed, key_mask)[0]).float()
+
+    def _forward(self, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """Cached forward of new tokens (B, t) whose first is the last chosen one."""
+        capture = "all" if self.capture_answer else None
+        hidden, snapshots = _forward_cached(self.lm, tokens, key_mask, self.programs, self.cache, capture)
+        if capture:  # the first pass: its first position is the first answer token
+            self.capture_answer = False
+            first, steps = snapshots[0], snapshots[1:]
+            self.answer_states = [_row_trajectory(first, steps, row, len(p.path), tokens.shape[1])[:, 0]
+                                  for row, p in enumerate(self.programs)]
+        return hidden
 
     def rewind(self, positions: int) -> None:
         """Forget the last `positions` cached positions (rejected proposals)."""

@@ -257,6 +257,28 @@ def test_real_model_lens_finds_the_answer_before_the_last_layer(real_lm):
     assert tok.decode(analysis.expected_token_ids(real_lm, chat_ids, "Paris")[:1]) == "Paris"
 
 
+@pytest.mark.real_model
+def test_real_model_lens_follows_a_digit_answer_past_its_leading_space(real_lm):
+    """SmolLM2 answers " 8" as " ", "8": the lens must show where "8" is chosen,
+    not the probability of the space."""
+    from polar_core import tasks
+    from polar_core.executor import encode_prompts, prefill
+
+    item = tasks.load_suite("add_1digit")[0]
+    prompt = tasks.build_prompt(item)
+    full = Program.full(real_lm.num_layers)
+    base = generate(real_lm, [prompt], full, max_new_tokens=4, chat=False, stop_strings=("\n",), capture="last")[0]
+    assert real_lm.tokenizer.decode(base.token_ids[:1]) == " "
+    a = analyze(real_lm, base, base, expected=item.answer)
+    assert a.lens_offset == a.baseline_lens_offset == 1
+    assert a.lens.tracks["expected"].token == item.answer[0] and a.lens.tracks["answer"].token.strip()
+    shifted = encode_prompts(real_lm, [prompt], chat=False)
+    extended = prefill(real_lm, pad_left([shifted.input_ids[0].tolist() + base.token_ids[:1]], 0, "cpu"), [full],
+                       capture="last")
+    torch.testing.assert_close(base.answer_step_hidden, extended.step_hidden[0], rtol=1e-4, atol=1e-4)
+    assert a.lens.top_ids[-1, 0] == base.token_ids[1]  # the last step's top token is the digit it wrote
+
+
 def test_analysis_feeds_the_figure_builders_unchanged(llama, full_trace):
     """Guards the contract with app/figures.py: every builder takes the fields as they are."""
     figures = pytest.importorskip("app.figures")
@@ -276,3 +298,37 @@ def test_analysis_feeds_the_figure_builders_unchanged(llama, full_trace):
     assert len(figs[2].data[0].z) == k
     assert [len(t.y) for t in figs[3].data] == [4, k]
     assert len(figs[4].data[0].y) == k
+
+
+class _BlankFirstTokenizer:
+    """Decodes one chosen id as a bare space, the rest as "<id>": SmolLM2's
+    " 7" = " ", "7" in miniature."""
+
+    chat_template = None
+
+    def __init__(self, blank_id: int):
+        self.blank_id = blank_id
+
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return ["".join(" " if i == self.blank_id else f"<{i}>" for i in ids) for ids in rows]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.batch_decode([ids])[0]
+
+
+def test_the_lens_looks_past_an_answer_that_opens_with_a_bare_space(llama):
+    from polar_core.models import from_model
+
+    first = _trace(llama, None).token_ids[0]
+    lm = from_model(llama.model, _BlankFirstTokenizer(first), name="tiny-llama-blank")
+    full = _trace(lm, None, max_new_tokens=4)
+    edited = _trace(lm, Program.parse("0-1, 3", 4), max_new_tokens=4)
+    result = analyze(lm, edited, full, expected=[first, full.token_ids[1]])
+    assert result.baseline_lens_offset == 1  # the full answer opens with the "space"
+    assert result.lens.tracks["expected"].token_id == full.token_ids[1]
+    expected_lens = logit_lens(lm, full.answer_step_hidden, k=5)
+    assert torch.equal(result.baseline_lens.top_ids, expected_lens.top_ids)
+    # Without a tokenizer nothing is blank: the lens stays at the last prompt token.
+    plain = analyze(llama, _trace(llama, None, max_new_tokens=4), _trace(llama, None, max_new_tokens=4))
+    assert plain.lens_offset == 0
+    assert torch.equal(plain.lens.top_ids, logit_lens(llama, _trace(llama, None).step_hidden, k=5).top_ids)

@@ -284,3 +284,30 @@ def test_proposals_follow_the_draft_only_while_the_answer_does():
     assert propose_from_draft([5, 6, 7, 8], [5, 9], limit=8) == []
     assert propose_from_draft([5, 6], [5, 6, 7], limit=8) == []
     assert propose_from_draft([5, 6, 7], [5], limit=0) == []
+
+
+@pytest.mark.parametrize("text", ["0-3", "0-1, 2x3, 3", "3, 1"])
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_states_at_the_first_answer_token_equal_a_prompt_pass_over_it(tiny_llama, text, with_draft):
+    """The lens follows answers that open with a bare space from these states:
+    the same as running the prompt plus the first answer token."""
+    program = Program.parse(text, tiny_llama.num_layers)
+    prompt = ROWS[0]
+    plain = generate(tiny_llama, _batch([prompt]), program, max_new_tokens=6, stop_at_eos=False)[0]
+    draft = plain.token_ids if with_draft else None
+    trace = generate(tiny_llama, _batch([prompt]), program, max_new_tokens=6, stop_at_eos=False, capture="last",
+                     draft=draft)[0]
+    extended = prefill(tiny_llama, _batch([prompt + trace.token_ids[:1]]), [program], capture="last")
+    assert trace.answer_step_hidden.shape == (program.num_steps + 1, tiny_llama.adapter.hidden_size)
+    torch.testing.assert_close(trace.answer_step_hidden, extended.step_hidden[0], rtol=1e-4, atol=1e-5)
+
+
+def test_states_at_the_first_answer_token_per_row(tiny_llama):
+    programs = [Program.parse(t, tiny_llama.num_layers) for t in ["0-3", "0, 3", "0-2x2, 3"]]
+    rows = [ROWS[0], ROWS[1], [7, 7, 8]]
+    together = generate(tiny_llama, _batch(rows), programs, max_new_tokens=4, stop_at_eos=False, capture="last")
+    for row, program in enumerate(programs):
+        alone = generate(tiny_llama, _batch([rows[row]]), program, max_new_tokens=4, stop_at_eos=False, capture="last")[0]
+        torch.testing.assert_close(together[row].answer_step_hidden, alone.answer_step_hidden, rtol=1e-4, atol=1e-5)
+    one_token = generate(tiny_llama, _batch(rows[:1]), programs[0], max_new_tokens=1, stop_at_eos=False, capture="last")
+    assert one_token[0].answer_step_hidden is None  # no second token is chosen
