@@ -330,40 +330,51 @@ def marked_spans(lm: LoadedModel, trace, changed: Sequence[tuple[int, int]],
     return spans or [("(empty answer)", label if changed else None)]
 
 
-def _generate(lm: LoadedModel, prompt: str, program: Program, draft: list[int] | None = None):
+class Superseded(Exception):
+    """A newer run of the same session started; this one's outputs are stale."""
+
+
+def _generate(lm: LoadedModel, prompt: str, program: Program, draft: list[int] | None = None, should_stop=None):
     plain = is_few_shot(prompt)
     limits = Limits.from_env()
     try:
         # The time limit also bounds the work of a request whose client went
         # away: Gradio cannot interrupt a handler that is already running.
-        return generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens), chat=not plain,
-                        stop_strings=STOP_PLAIN if plain else (), capture="last",
-                        max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds,
-                        draft=draft)[0]
+        trace = generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens),
+                         chat=not plain, stop_strings=STOP_PLAIN if plain else (), capture="last",
+                         max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds,
+                         draft=draft, should_stop=should_stop)[0]
     except (PromptError, ProgramError) as exc:
         raise InputError(str(exc)) from None
+    if trace.finish_reason == "cancelled":
+        raise Superseded
+    return trace
 
 
-def baseline_trace(lm: LoadedModel, session: Session, prompt: str):
+def baseline_trace(lm: LoadedModel, session: Session, prompt: str, should_stop=None):
     """The full program's trace of this prompt, from the session when already run."""
     key = (lm.name, str(lm.device), prompt)
     trace = session.cached_baseline(key)
     if trace is None:
-        trace = _generate(lm, prompt, Program.full(lm.num_layers))
+        trace = _generate(lm, prompt, Program.full(lm.num_layers), should_stop=should_stop)
         session.remember_baseline(key, trace)
     return trace
 
 
-def run(lm: LoadedModel, session: Session, prompt, program_text, expected="") -> RunView:
-    """Answer the prompt under the edited program and the full one; build every figure."""
+def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", should_stop=None) -> RunView:
+    """Answer the prompt under the edited program and the full one; build every figure.
+
+    `should_stop` (polled between tokens) turning true raises Superseded; a
+    cut-short baseline is never remembered.
+    """
     from polar_core.analysis import analyze
 
     prompt, expected = check_prompt(prompt), check_expected(expected)
     program = parse_program(program_text, lm.num_layers)
-    base = baseline_trace(lm, session, prompt)
+    base = baseline_trace(lm, session, prompt, should_stop)
     # Edited answers often run like the full one for a while: checking the full
     # answer as a draft, several tokens per pass, decodes those stretches fast.
-    trace = base if program.is_full else _generate(lm, prompt, program, draft=base.token_ids)
+    trace = base if program.is_full else _generate(lm, prompt, program, base.token_ids, should_stop)
     result = analyze(lm, trace, base, expected=expected or None, k=5)
     diff = result.answer_diff
     full = Answer(base.text.strip(), marked_spans(lm, base, [(s.a_start, s.a_end) for s in diff.spans], "differs"),

@@ -8,6 +8,9 @@ variables are shared by all users.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from polar_core.adapter import UnsupportedModelError
@@ -85,3 +88,32 @@ class Session:
 
     def remember_baseline(self, key: tuple, trace) -> None:
         self.baseline_key, self.baseline = key, trace
+
+
+class RunTickets:
+    """Which run of each browser session is the latest.
+
+    Every run takes a ticket; a newer run of the same session (an edit with
+    auto-run on, another click) makes the older one's `should_stop` true, so
+    a stale generation stops at its next token instead of holding a model
+    slot for seconds. Only counters live here, keyed by Gradio's session
+    hash; the oldest sessions are forgotten past `capacity`.
+    """
+
+    def __init__(self, capacity: int = 4096):
+        self._latest: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self.capacity = capacity
+
+    def issue(self, session_key: str) -> Callable[[], bool]:
+        """A new latest run for the session; returns its should_stop."""
+        with self._lock:
+            ticket = self._latest.get(session_key, 0) + 1
+            self._latest[session_key] = ticket
+            self._latest.move_to_end(session_key)
+            while len(self._latest) > self.capacity:
+                self._latest.popitem(last=False)
+        return lambda: self._latest.get(session_key) != ticket
+
+
+RUN_TICKETS = RunTickets()

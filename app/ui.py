@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from app import handlers as H
-from app.session import InputError, Session, allowed_models, any_model_allowed, default_model, get_model
+from app.session import RUN_TICKETS, InputError, Session, allowed_models, any_model_allowed, default_model, get_model
 from polar_core.limits import Limits
 
 try:  # On a ZeroGPU Space, functions that run the model borrow a GPU per call.
@@ -176,9 +176,14 @@ def _verdict(title: str, answer: H.Answer) -> str:
 
 @_guard
 @gpu
-def on_run(prompt, program_text, expected, model, session):
+def on_run(prompt, program_text, expected, model, session, request: gr.Request = None):
     session = session if isinstance(session, Session) else Session()
-    view = H.run(get_model(model), session, prompt, program_text, expected)
+    key = getattr(request, "session_hash", None)
+    should_stop = RUN_TICKETS.issue(key) if key else None  # a newer run of this page stops this one
+    try:
+        view = H.run(get_model(model), session, prompt, program_text, expected, should_stop)
+    except H.Superseded:
+        return tuple(gr.skip() for _ in range(RUN_OUTPUTS))
     f = view.figures
     details = {
         "full_answer": view.full.text, "edited_answer": view.edited.text, "same_answer": view.same_answer,
@@ -192,11 +197,11 @@ def on_run(prompt, program_text, expected, model, session):
             f["block_influence"], f["alignment"], details, session)
 
 
-def run_if_auto(auto, prompt, program_text, expected, model, session):
+def run_if_auto(auto, prompt, program_text, expected, model, session, request: gr.Request = None):
     """Rerun after an edit when auto-run is on (and a prompt is there)."""
     if not auto or not (prompt or "").strip():
         return tuple(gr.skip() for _ in range(RUN_OUTPUTS))
-    return on_run(prompt, program_text, expected, model, session)
+    return on_run(prompt, program_text, expected, model, session, request)
 
 
 @_guard

@@ -207,6 +207,70 @@ def test_run_full_then_edited(real_lm, capital):
 
 
 @pytest.mark.real_model
+def test_a_superseded_run_stops_and_leaves_no_baseline(real_lm, capital):
+    session = Session()
+    with pytest.raises(H.Superseded):
+        H.run(real_lm, session, capital[0], "0-19", capital[1], should_stop=lambda: True)
+    assert session.baseline is None  # a cut-short full answer must not be reused
+    H.run(real_lm, session, capital[0], "full", capital[1])
+    baseline = session.baseline
+    with pytest.raises(H.Superseded):  # the edit itself is cut short; the baseline stays
+        H.run(real_lm, session, capital[0], "0-19", capital[1], should_stop=lambda: True)
+    assert session.baseline is baseline
+
+
+@pytest.mark.real_model
+def test_a_newer_run_of_the_same_page_stops_the_older_one(real_lm):
+    """Two runs of one browser session at once (an edit while a run is going):
+    the older stops at its next token and its outputs are skipped."""
+    import threading
+    from types import SimpleNamespace
+
+    from app import ui
+
+    page, other = SimpleNamespace(session_hash="page-1"), SimpleNamespace(session_hash="page-2")
+    prompt = "Write a short story about a cat who learns to swim."  # runs to the 32-token cap
+    older: dict = {}
+    started = threading.Event()
+    issue = ui.RUN_TICKETS.issue  # the bound method
+
+    def issue_and_signal(key):
+        should_stop = issue(key)
+        started.set()
+        return should_stop
+
+    def run_older():
+        older["out"] = ui.on_run(prompt, "0-19", "", None, Session(), page)
+
+    ui.RUN_TICKETS.issue = issue_and_signal  # an instance attribute over the method, popped below
+    try:
+        thread = threading.Thread(target=run_older)
+        thread.start()
+        started.wait(30)
+        vars(ui.RUN_TICKETS).pop("issue")
+        newer = ui.on_run(prompt, "0-19", "", None, Session(), page)
+        unrelated = ui.on_run(prompt, "0-19", "", None, Session(), other)
+        thread.join(120)
+    finally:
+        vars(ui.RUN_TICKETS).pop("issue", None)
+    assert all(out == {"__type__": "update"} for out in older["out"])  # gr.skip(): nothing stale is drawn
+    assert newer[-2]["edited_answer"] and newer[-2]["edited_answer"] == unrelated[-2]["edited_answer"]
+
+
+def test_run_tickets_stop_only_older_runs_of_the_same_session():
+    from app.session import RunTickets
+
+    tickets = RunTickets(capacity=2)
+    first, other = tickets.issue("a"), tickets.issue("b")
+    assert not first() and not other()
+    second = tickets.issue("a")
+    assert first() and not second() and not other()
+    tickets.issue("c")
+    tickets.issue("d")  # over capacity: "a" and "b" are forgotten, so their runs stop
+    assert second() and other()
+
+
+@pytest.mark.real_model
 def test_predict_without_router_says_so(real_lm, capital):
     pred = H.predict(real_lm, capital[0])
     if pred.programs:  # a router checkpoint ships: its ranking is best first
