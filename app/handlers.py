@@ -334,7 +334,7 @@ class Superseded(Exception):
     """A newer run of the same session started; this one's outputs are stale."""
 
 
-def _generate(lm: LoadedModel, prompt: str, program: Program, draft: list[int] | None = None, should_stop=None):
+def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_stop=None):
     plain = is_few_shot(prompt)
     limits = Limits.from_env()
     try:
@@ -343,7 +343,7 @@ def _generate(lm: LoadedModel, prompt: str, program: Program, draft: list[int] |
         trace = generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens),
                          chat=not plain, stop_strings=STOP_PLAIN if plain else (), capture="last",
                          max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds,
-                         draft=draft, should_stop=should_stop)[0]
+                         drafts=drafts, should_stop=should_stop)[0]
     except (PromptError, ProgramError) as exc:
         raise InputError(str(exc)) from None
     if trace.finish_reason == "cancelled":
@@ -372,9 +372,13 @@ def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", sh
     prompt, expected = check_prompt(prompt), check_expected(expected)
     program = parse_program(program_text, lm.num_layers)
     base = baseline_trace(lm, session, prompt, should_stop)
-    # Edited answers often run like the full one for a while: checking the full
-    # answer as a draft, several tokens per pass, decodes those stretches fast.
-    trace = base if program.is_full else _generate(lm, prompt, program, base.token_ids, should_stop)
+    # Edited answers often run like the full one, or like the previous edit's,
+    # for a while: checking those as drafts, several tokens per pass, decodes
+    # such stretches fast (and changes no answer).
+    drafts = [base.token_ids, session.last_edit_tokens]
+    trace = base if program.is_full else _generate(lm, prompt, program, drafts, should_stop)
+    if not program.is_full:
+        session.last_edit_tokens = list(trace.token_ids)
     result = analyze(lm, trace, base, expected=expected or None, k=5)
     diff = result.answer_diff
     full = Answer(base.text.strip(), marked_spans(lm, base, [(s.a_start, s.a_end) for s in diff.spans], "differs"),

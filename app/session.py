@@ -77,17 +77,18 @@ def get_model(spec: str | None) -> LoadedModel:
 @dataclass
 class Session:
     """Per-user memory: the full-program trace of the last prompt, so an edit
-    reruns only the edited program (half the work of rerunning both)."""
+    reruns only the edited program (half the work of rerunning both), and the
+    last edit's answer on it, a draft for the next edit (edits come in small steps)."""
 
     baseline_key: tuple | None = None
     baseline: object | None = None  # executor.Trace
-    extras: dict = field(default_factory=dict)
+    last_edit_tokens: list[int] = field(default_factory=list)
 
     def cached_baseline(self, key: tuple):
         return self.baseline if self.baseline_key == key else None
 
     def remember_baseline(self, key: tuple, trace) -> None:
-        self.baseline_key, self.baseline = key, trace
+        self.baseline_key, self.baseline, self.last_edit_tokens = key, trace, []
 
 
 class RunTickets:

@@ -453,7 +453,7 @@ def generate(
     max_prompt_tokens: int | None = None,
     time_limit_s: float | None = None,
     should_stop: Callable[[], bool] | None = None,
-    draft: Sequence[int] | None = None,
+    drafts: Sequence[Sequence[int]] = (),
 ) -> list[Trace]:
     """Generate under a program per prompt (or one program for all; None = full).
 
@@ -475,16 +475,17 @@ def generate(
             end with finish_reason "time".
         should_stop: polled between tokens; True ends decoding early the same
             way (finish_reason "cancelled"), e.g. when a web request is cancelled.
-        draft: token ids the answer probably resembles, e.g. the full program's
-            answer when running an edited program. Needs one prompt, greedy
-            decoding and the cache. Continuations proposed from the draft are
-            checked several tokens per forward pass and kept only where they
-            equal the program's own greedy choice (speculative decoding with the
-            draft as proposer), so the answer is the one plain decoding gives
-            (up to float rounding: a multi-token pass may break a near-tie
-            differently, as a different batch size may), in fewer passes when
-            the answer follows the draft. `Trace.extras` counts the passes and
-            the draft tokens kept.
+        drafts: token-id sequences the answer probably resembles, e.g. the
+            full program's answer and the previous edit's when running an
+            edited program. Needs one prompt, greedy decoding and the cache.
+            While the answer so far is a prefix of a draft, that draft's next
+            tokens are checked in one forward pass and kept only where they
+            equal the program's own greedy choice (speculative decoding with
+            the drafts as proposer), so the answer is the one plain decoding
+            gives (up to float rounding: a multi-token pass may break a
+            near-tie differently, as a different batch size may), in fewer
+            passes when it follows a draft. `Trace.extras` counts the passes
+            and the draft tokens kept.
     Returns:
         One Trace per prompt, in order.
     """
@@ -495,8 +496,9 @@ def generate(
     batch = prompts if isinstance(prompts, EncodedBatch) else encode_prompts(lm, prompts, chat, max_prompt_tokens)
     size = batch.input_ids.shape[0]
     programs = resolve_programs(lm, programs, size)
-    if draft is not None and (size != 1 or sampling.temperature > 0 or not use_cache):
-        raise ValueError("a draft needs one prompt, greedy decoding and use_cache=True")
+    drafts = [list(d) for d in drafts]
+    if drafts and (size != 1 or sampling.temperature > 0 or not use_cache):
+        raise ValueError("drafts need one prompt, greedy decoding and use_cache=True")
     generator = None
     if sampling.temperature > 0:
         generator = torch.Generator(device=lm.device)
@@ -504,7 +506,7 @@ def generate(
 
     started = time.perf_counter()
     # A draft check may write up to MAX_PROPOSAL positions past the answer before they are rewound.
-    capacity = batch.input_ids.shape[1] + max_new_tokens + (MAX_PROPOSAL if draft is not None else 0) if use_cache else None
+    capacity = batch.input_ids.shape[1] + max_new_tokens + (MAX_PROPOSAL if drafts else 0) if use_cache else None
     pre = prefill(lm, batch, programs, capture=capture, cache_capacity=capacity)
     prefill_seconds = time.perf_counter() - started
 
@@ -521,8 +523,8 @@ def generate(
         return False
 
     extras: dict = {}
-    if draft is not None and max_new_tokens > 0:
-        extras = _decode_with_draft(decoder, pre.logits, list(draft), max_new_tokens, interrupted)
+    if drafts and max_new_tokens > 0:
+        extras = _decode_with_drafts(decoder, pre.logits, drafts, max_new_tokens, interrupted)
     else:
         logits = pre.logits
         for step in range(max_new_tokens):
@@ -558,22 +560,24 @@ def generate(
 MAX_PROPOSAL = 32  # draft tokens checked in one pass; on 2 CPU cores a 33-token pass costs ~2.3 one-token passes
 
 
-def propose_from_draft(draft: Sequence[int], generated: Sequence[int], limit: int) -> list[int]:
-    """Up to `limit` tokens that might come next: the rest of the draft while the
-    answer so far is a prefix of it, else none.
+def propose_from_drafts(drafts: Sequence[Sequence[int]], generated: Sequence[int], limit: int) -> list[int]:
+    """Up to `limit` tokens that might come next: the longest continuation among
+    the drafts of which the answer so far is a prefix, else none.
 
-    Guessing on after the answer left the draft (n-gram lookup) was measured
+    Guessing on after the answer left every draft (n-gram lookup) was measured
     and lost: on the app-latency edits the wrong guesses cost more passes than
     the right ones saved.
     """
     done = len(generated)
-    if limit <= 0 or list(draft[:done]) != list(generated):
-        return []
-    return list(draft[done : done + limit])
+    best: list[int] = []
+    for draft in drafts:
+        if limit > 0 and list(draft[:done]) == list(generated) and len(draft) - done > len(best):
+            best = list(draft[done : done + limit])
+    return best
 
 
-def _decode_with_draft(decoder: "_Decoder", logits: torch.Tensor, draft: list[int], max_new_tokens: int,
-                       interrupted: Callable[[], bool]) -> dict:
+def _decode_with_drafts(decoder: "_Decoder", logits: torch.Tensor, drafts: list[list[int]], max_new_tokens: int,
+                        interrupted: Callable[[], bool]) -> dict:
     """Greedy decoding of one row that checks draft proposals in one pass each.
 
     A pass feeds the last chosen token plus the proposal; the program's greedy
@@ -592,8 +596,8 @@ def _decode_with_draft(decoder: "_Decoder", logits: torch.Tensor, draft: list[in
         if interrupted():
             return {"decode_passes": passes, "draft_tokens_kept": kept}
         passes += 1
-        proposal = propose_from_draft(draft, decoder.tokens[0], min(MAX_PROPOSAL, max_new_tokens - produced - 1))
-        if not proposal:  # off the draft: the plain one-token step
+        proposal = propose_from_drafts(drafts, decoder.tokens[0], min(MAX_PROPOSAL, max_new_tokens - produced - 1))
+        if not proposal:  # off every draft: the plain one-token step
             new_tokens = [int(decoder.next_logits()[0].argmax())]
             continue
         chosen = decoder.check(proposal).argmax(-1).tolist()  # (1 + len(proposal),)

@@ -207,6 +207,23 @@ def test_run_full_then_edited(real_lm, capital):
 
 
 @pytest.mark.real_model
+def test_the_previous_edit_answer_is_a_draft_for_the_next(real_lm):
+    """Rerunning an edit (or a close one) decodes its answer from the previous
+    edit's in one pass, and the answer is the one plain decoding gives."""
+    prompt, session = "Write a short story about a cat who learns to swim.", Session()
+    H.run(real_lm, session, prompt, "full")
+    first = H.run(real_lm, session, prompt, "0-9, 11-29")
+    assert session.last_edit_tokens == first.trace.token_ids
+    again = H.run(real_lm, session, prompt, "0-9, 11-29")
+    n = len(again.trace.token_ids)
+    assert again.trace.token_ids == first.trace.token_ids and n > 8
+    # The first token comes from the prompt pass, the last is the pass's own choice after the draft.
+    assert again.trace.extras == {"decode_passes": 1, "draft_tokens_kept": n - 2}
+    H.run(real_lm, session, "Name three colours.", "full")  # a new prompt forgets the old edit
+    assert session.last_edit_tokens == []
+
+
+@pytest.mark.real_model
 def test_a_superseded_run_stops_and_leaves_no_baseline(real_lm, capital):
     session = Session()
     with pytest.raises(H.Superseded):

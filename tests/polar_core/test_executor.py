@@ -241,49 +241,53 @@ def test_decoding_with_a_draft_equals_plain_greedy(family, text):
     prompt = _batch(ROWS[:1])
     plain = generate(lm, prompt, program, max_new_tokens=16, stop_at_eos=False)[0]
     for name, draft in _drafts(plain.token_ids).items():
-        drafted = generate(lm, prompt, program, max_new_tokens=16, stop_at_eos=False, draft=draft)[0]
+        drafted = generate(lm, prompt, program, max_new_tokens=16, stop_at_eos=False, drafts=[draft])[0]
         assert drafted.token_ids == plain.token_ids, name
         assert drafted.finish_reason == plain.finish_reason == "length"
-    own = generate(lm, prompt, program, max_new_tokens=16, stop_at_eos=False, draft=plain.token_ids)[0]
-    # Token 1 comes from the prompt pass, 2-16 from one pass over the draft.
-    assert own.extras == {"decode_passes": 1, "draft_tokens_kept": 14}
+    drafts = _drafts(plain.token_ids)
+    own = generate(lm, prompt, program, max_new_tokens=16, stop_at_eos=False,
+                   drafts=[drafts["leaves midway"], plain.token_ids, drafts["never matches"]])[0]
+    # Token 1 comes from the prompt pass, 2-16 from one pass over the longest matching draft.
+    assert own.token_ids == plain.token_ids and own.extras == {"decode_passes": 1, "draft_tokens_kept": 14}
 
 
-def test_a_draft_stops_at_eos_and_max_tokens_like_plain_decoding(tiny_llama):
+def test_drafts_stop_at_eos_and_max_tokens_like_plain_decoding(tiny_llama):
     prompt = _batch(ROWS[:1])
     greedy = generate(tiny_llama, prompt, None, max_new_tokens=12, stop_at_eos=False)[0].token_ids
-    short = generate(tiny_llama, prompt, None, max_new_tokens=5, stop_at_eos=False, draft=greedy)[0]
+    short = generate(tiny_llama, prompt, None, max_new_tokens=5, stop_at_eos=False, drafts=[greedy])[0]
     assert short.token_ids == greedy[:5] and short.finish_reason == "length"
     lm = tiny_llama
     original = lm.model.generation_config.eos_token_id
     lm.model.generation_config.eos_token_id = greedy[6]  # an EOS inside the draft's span
     try:
         plain = generate(lm, prompt, None, max_new_tokens=12)[0]
-        drafted = generate(lm, prompt, None, max_new_tokens=12, draft=greedy)[0]
+        drafted = generate(lm, prompt, None, max_new_tokens=12, drafts=[greedy])[0]
     finally:
         lm.model.generation_config.eos_token_id = original
     assert drafted.token_ids == plain.token_ids and drafted.finish_reason == plain.finish_reason == "eos"
 
 
 @pytest.mark.parametrize("kwargs", [{"sampling": Sampling(1.0, seed=0)}, {"use_cache": False}])
-def test_a_draft_needs_greedy_cached_decoding(tiny_llama, kwargs):
-    with pytest.raises(ValueError, match="draft needs one prompt"):
-        generate(tiny_llama, _batch(ROWS[:1]), None, max_new_tokens=4, draft=[1, 2], **kwargs)
+def test_drafts_need_greedy_cached_decoding(tiny_llama, kwargs):
+    with pytest.raises(ValueError, match="drafts need one prompt"):
+        generate(tiny_llama, _batch(ROWS[:1]), None, max_new_tokens=4, drafts=[[1, 2]], **kwargs)
 
 
-def test_a_draft_needs_one_prompt(tiny_llama):
-    with pytest.raises(ValueError, match="draft needs one prompt"):
-        generate(tiny_llama, _batch(), None, max_new_tokens=4, draft=[1, 2])
+def test_drafts_need_one_prompt(tiny_llama):
+    with pytest.raises(ValueError, match="drafts need one prompt"):
+        generate(tiny_llama, _batch(), None, max_new_tokens=4, drafts=[[1, 2]])
 
 
-def test_proposals_follow_the_draft_only_while_the_answer_does():
-    from polar_core.executor import propose_from_draft
+def test_proposals_follow_the_longest_draft_the_answer_is_a_prefix_of():
+    from polar_core.executor import propose_from_drafts
 
-    assert propose_from_draft([5, 6, 7, 8], [5, 6], limit=8) == [7, 8]
-    assert propose_from_draft([5, 6, 7, 8], [], limit=3) == [5, 6, 7]
-    assert propose_from_draft([5, 6, 7, 8], [5, 9], limit=8) == []
-    assert propose_from_draft([5, 6], [5, 6, 7], limit=8) == []
-    assert propose_from_draft([5, 6, 7], [5], limit=0) == []
+    assert propose_from_drafts([[5, 6, 7, 8]], [5, 6], limit=8) == [7, 8]
+    assert propose_from_drafts([[5, 6, 7, 8]], [], limit=3) == [5, 6, 7]
+    assert propose_from_drafts([[5, 6, 7, 8]], [5, 9], limit=8) == []
+    assert propose_from_drafts([[5, 6]], [5, 6, 7], limit=8) == []
+    assert propose_from_drafts([[5, 6, 7]], [5], limit=0) == []
+    assert propose_from_drafts([[5, 9, 9], [5, 6, 7, 8], [5, 6, 1]], [5, 6], limit=8) == [7, 8]
+    assert propose_from_drafts([], [5], limit=8) == []
 
 
 @pytest.mark.parametrize("text", ["0-3", "0-1, 2x3, 3", "3, 1"])
@@ -294,9 +298,9 @@ def test_states_at_the_first_answer_token_equal_a_prompt_pass_over_it(tiny_llama
     program = Program.parse(text, tiny_llama.num_layers)
     prompt = ROWS[0]
     plain = generate(tiny_llama, _batch([prompt]), program, max_new_tokens=6, stop_at_eos=False)[0]
-    draft = plain.token_ids if with_draft else None
+    drafts = [plain.token_ids] if with_draft else []
     trace = generate(tiny_llama, _batch([prompt]), program, max_new_tokens=6, stop_at_eos=False, capture="last",
-                     draft=draft)[0]
+                     drafts=drafts)[0]
     extended = prefill(tiny_llama, _batch([prompt + trace.token_ids[:1]]), [program], capture="last")
     assert trace.answer_step_hidden.shape == (program.num_steps + 1, tiny_llama.adapter.hidden_size)
     torch.testing.assert_close(trace.answer_step_hidden, extended.step_hidden[0], rtol=1e-4, atol=1e-5)
