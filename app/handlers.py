@@ -7,6 +7,7 @@ turns it into a visible warning and leaves the page as it was.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -334,7 +335,18 @@ class Superseded(Exception):
     """A newer run of the same session started; this one's outputs are stale."""
 
 
-def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_stop=None):
+def _text_so_far(lm: LoadedModel, plain: bool, on_text):
+    """An executor on_tokens callback passing the answer so far, as the page shows it, to on_text."""
+    if on_text is None:
+        return None
+
+    def on_tokens(rows):
+        text = lm.tokenizer.decode(rows[0], skip_special_tokens=True)
+        on_text(text.split(STOP_PLAIN[0])[0].strip() if plain else text.strip())
+    return on_tokens
+
+
+def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_stop=None, on_text=None):
     plain = is_few_shot(prompt)
     limits = Limits.from_env()
     try:
@@ -343,7 +355,7 @@ def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_
         trace = generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens),
                          chat=not plain, stop_strings=STOP_PLAIN if plain else (), capture="last",
                          max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds,
-                         drafts=drafts, should_stop=should_stop)[0]
+                         drafts=drafts, should_stop=should_stop, on_tokens=_text_so_far(lm, plain, on_text))[0]
     except (PromptError, ProgramError) as exc:
         raise InputError(str(exc)) from None
     if trace.finish_reason == "cancelled":
@@ -351,32 +363,37 @@ def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_
     return trace
 
 
-def baseline_trace(lm: LoadedModel, session: Session, prompt: str, should_stop=None):
+def baseline_trace(lm: LoadedModel, session: Session, prompt: str, should_stop=None, on_text=None):
     """The full program's trace of this prompt, from the session when already run."""
     key = (lm.name, str(lm.device), prompt)
     trace = session.cached_baseline(key)
     if trace is None:
-        trace = _generate(lm, prompt, Program.full(lm.num_layers), should_stop=should_stop)
+        trace = _generate(lm, prompt, Program.full(lm.num_layers), should_stop=should_stop, on_text=on_text)
         session.remember_baseline(key, trace)
     return trace
 
 
-def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", should_stop=None) -> RunView:
+def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", should_stop=None,
+        on_partial=None) -> RunView:
     """Answer the prompt under the edited program and the full one; build every figure.
 
     `should_stop` (polled between tokens) turning true raises Superseded; a
-    cut-short baseline is never remembered.
+    cut-short baseline is never remembered. `on_partial(which, text)` gets the
+    answers as they grow: which is "full" or "edited".
     """
     from polar_core.analysis import analyze
 
+    def on_text(which: str):
+        return None if on_partial is None else functools.partial(on_partial, which)
+
     prompt, expected = check_prompt(prompt), check_expected(expected)
     program = parse_program(program_text, lm.num_layers)
-    base = baseline_trace(lm, session, prompt, should_stop)
+    base = baseline_trace(lm, session, prompt, should_stop, on_text("full"))
     # Edited answers often run like the full one, or like the previous edit's,
     # for a while: checking those as drafts, several tokens per pass, decodes
     # such stretches fast (and changes no answer).
     drafts = [base.token_ids, session.last_edit_tokens]
-    trace = base if program.is_full else _generate(lm, prompt, program, drafts, should_stop)
+    trace = base if program.is_full else _generate(lm, prompt, program, drafts, should_stop, on_text("edited"))
     if not program.is_full:
         session.last_edit_tokens = list(trace.token_ids)
     result = analyze(lm, trace, base, expected=expected or None, k=5)

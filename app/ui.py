@@ -9,8 +9,12 @@ never blanks the grid, the plots or the answers.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import queue
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -30,6 +34,7 @@ except ImportError:  # everywhere else: run as is
 log = logging.getLogger(__name__)
 
 RUN_OUTPUTS = 12  # what on_run returns (the session state included)
+STREAM_SECONDS = 0.15  # at most one partial answer update per this many seconds
 CONCURRENCY = 2  # model calls at once; a 2-core CPU gains nothing from more
 EXAMPLES = H.example_prompts()
 EXAMPLE_LABELS = [label for label, _, _ in EXAMPLES]
@@ -62,7 +67,19 @@ def launch_kwargs() -> dict:
 
 
 def _guard(fn):
-    """Show an InputError as an error toast; the page keeps its state."""
+    """Show an InputError as an error toast; the page keeps its state.
+
+    Generator handlers (streaming) stay generators, so Gradio streams them.
+    """
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except InputError as exc:
+                raise gr.Error(str(exc), duration=10) from None
+        return stream
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -174,16 +191,8 @@ def _verdict(title: str, answer: H.Answer) -> str:
     return f"{title} · {answer.steps} layer calls/token{mark}"
 
 
-@_guard
-@gpu
-def on_run(prompt, program_text, expected, model, session, request: gr.Request = None):
-    session = session if isinstance(session, Session) else Session()
-    key = getattr(request, "session_hash", None)
-    should_stop = RUN_TICKETS.issue(key) if key else None  # a newer run of this page stops this one
-    try:
-        view = H.run(get_model(model), session, prompt, program_text, expected, should_stop)
-    except H.Superseded:
-        return tuple(gr.skip() for _ in range(RUN_OUTPUTS))
+def _run_outputs(view: H.RunView, session: Session) -> tuple:
+    """Everything a finished run shows, in run_out order."""
     f = view.figures
     details = {
         "full_answer": view.full.text, "edited_answer": view.edited.text, "same_answer": view.same_answer,
@@ -197,11 +206,69 @@ def on_run(prompt, program_text, expected, model, session, request: gr.Request =
             f["block_influence"], f["alignment"], details, session)
 
 
+def _partial_outputs(answers: dict[str, str]) -> tuple:
+    """The answers generated so far ({"full": ..., "edited": ...}); everything else unchanged."""
+    out = [gr.skip() for _ in range(RUN_OUTPUTS)]
+    for which, title, column in (("full", "Full program", 0), ("edited", "Edited program", 2)):
+        if which in answers:
+            out[column] = f"{title} · generating…"
+            out[column + 1] = [(answers[which] or "…", None)]
+    return tuple(out)
+
+
+@gpu
+def _run_model(*args, **kwargs) -> H.RunView:
+    return H.run(*args, **kwargs)
+
+
+@_guard
+def on_run(prompt, program_text, expected, model, session, request: gr.Request = None):
+    """Run the edited and the full program, streaming the answers as they grow, then everything."""
+    session = session if isinstance(session, Session) else Session()
+    key = getattr(request, "session_hash", None)
+    superseded = RUN_TICKETS.issue(key) if key else (lambda: False)  # a newer run of this page stops this one
+    closed = threading.Event()  # Gradio closed this generator: the client left or the event was cancelled
+    lm = get_model(model)
+    updates: queue.SimpleQueue = queue.SimpleQueue()
+    outcome: dict = {}
+
+    def work():  # the model runs here; the generator below only relays what it reports
+        try:
+            outcome["view"] = _run_model(lm, session, prompt, program_text, expected,
+                                         lambda: closed.is_set() or superseded(),
+                                         lambda which, text: updates.put((which, text)))
+        except BaseException as exc:  # re-raised below, in the request's own thread
+            outcome["error"] = exc
+        finally:
+            updates.put(None)
+
+    threading.Thread(target=work, name="polar-run", daemon=True).start()
+    answers: dict[str, str] = {}
+    sent = 0.0
+    try:
+        while (item := updates.get()) is not None:
+            answers[item[0]] = item[1]
+            if time.monotonic() - sent >= STREAM_SECONDS:  # enough to look live, few enough messages
+                sent = time.monotonic()
+                yield _partial_outputs(answers)
+    finally:
+        closed.set()  # stops the model at its next token if we leave before it finished
+    error = outcome.get("error")
+    if isinstance(error, H.Superseded):
+        yield tuple(gr.skip() for _ in range(RUN_OUTPUTS))
+        return
+    if error is not None:
+        raise error
+    yield _run_outputs(outcome["view"], session)
+
+
+@_guard
 def run_if_auto(auto, prompt, program_text, expected, model, session, request: gr.Request = None):
     """Rerun after an edit when auto-run is on (and a prompt is there)."""
     if not auto or not (prompt or "").strip():
-        return tuple(gr.skip() for _ in range(RUN_OUTPUTS))
-    return on_run(prompt, program_text, expected, model, session, request)
+        yield tuple(gr.skip() for _ in range(RUN_OUTPUTS))
+        return
+    yield from on_run(prompt, program_text, expected, model, session, request)
 
 
 @_guard

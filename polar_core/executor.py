@@ -454,6 +454,7 @@ def generate(
     time_limit_s: float | None = None,
     should_stop: Callable[[], bool] | None = None,
     drafts: Sequence[Sequence[int]] = (),
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
 ) -> list[Trace]:
     """Generate under a program per prompt (or one program for all; None = full).
 
@@ -486,6 +487,9 @@ def generate(
             near-tie differently, as a different batch size may), in fewer
             passes when it follows a draft. `Trace.extras` counts the passes
             and the draft tokens kept.
+        on_tokens: called after every decoding pass with each row's tokens
+            so far (read-only; the stop token left out), e.g. to show an
+            answer as it grows.
     Returns:
         One Trace per prompt, in order.
     """
@@ -524,11 +528,13 @@ def generate(
 
     extras: dict = {}
     if drafts and max_new_tokens > 0:
-        extras = _decode_with_drafts(decoder, pre.logits, drafts, max_new_tokens, interrupted)
+        extras = _decode_with_drafts(decoder, pre.logits, drafts, max_new_tokens, interrupted, on_tokens)
     else:
         logits = pre.logits
         for step in range(max_new_tokens):
             finished = decoder.push(_choose(logits, sampling, generator))
+            if on_tokens is not None:
+                on_tokens(decoder.tokens)
             if finished or step == max_new_tokens - 1 or interrupted():
                 break  # no forward pass for a token nobody will read
             logits = decoder.next_logits()
@@ -577,7 +583,7 @@ def propose_from_drafts(drafts: Sequence[Sequence[int]], generated: Sequence[int
 
 
 def _decode_with_drafts(decoder: "_Decoder", logits: torch.Tensor, drafts: list[list[int]], max_new_tokens: int,
-                        interrupted: Callable[[], bool]) -> dict:
+                        interrupted: Callable[[], bool], on_tokens=None) -> dict:
     """Greedy decoding of one row that checks draft proposals in one pass each.
 
     A pass feeds the last chosen token plus the proposal; the program's greedy
@@ -592,7 +598,11 @@ def _decode_with_drafts(decoder: "_Decoder", logits: torch.Tensor, drafts: list[
             finished = decoder.push(torch.tensor([token], device=logits.device))
             produced += 1
             if finished or produced == max_new_tokens:
-                return {"decode_passes": passes, "draft_tokens_kept": kept}
+                break
+        if on_tokens is not None:
+            on_tokens(decoder.tokens)
+        if finished or produced == max_new_tokens:
+            return {"decode_passes": passes, "draft_tokens_kept": kept}
         if interrupted():
             return {"decode_passes": passes, "draft_tokens_kept": kept}
         passes += 1

@@ -257,7 +257,7 @@ def test_a_newer_run_of_the_same_page_stops_the_older_one(real_lm):
         return should_stop
 
     def run_older():
-        older["out"] = ui.on_run(prompt, "0-19", "", None, Session(), page)
+        older["out"] = list(ui.on_run(prompt, "0-19", "", None, Session(), page))[-1]
 
     ui.RUN_TICKETS.issue = issue_and_signal  # an instance attribute over the method, popped below
     try:
@@ -265,13 +265,57 @@ def test_a_newer_run_of_the_same_page_stops_the_older_one(real_lm):
         thread.start()
         started.wait(30)
         vars(ui.RUN_TICKETS).pop("issue")
-        newer = ui.on_run(prompt, "0-19", "", None, Session(), page)
-        unrelated = ui.on_run(prompt, "0-19", "", None, Session(), other)
+        newer = list(ui.on_run(prompt, "0-19", "", None, Session(), page))[-1]
+        unrelated = list(ui.on_run(prompt, "0-19", "", None, Session(), other))[-1]
         thread.join(120)
     finally:
         vars(ui.RUN_TICKETS).pop("issue", None)
     assert all(out == {"__type__": "update"} for out in older["out"])  # gr.skip(): nothing stale is drawn
     assert newer[-2]["edited_answer"] and newer[-2]["edited_answer"] == unrelated[-2]["edited_answer"]
+
+
+@pytest.mark.real_model
+def test_a_run_streams_its_answers_then_everything(real_lm):
+    from app import ui
+
+    prompt = "Write a short story about a cat who learns to swim."
+    outputs = list(ui.on_run(prompt, "0-9, 11-29", "", None, Session()))
+    partial, final = outputs[:-1], outputs[-1]
+    assert len(partial) >= 2  # 2 x 32 tokens take seconds: several updates at <= 1 per STREAM_SECONDS
+    skip = {"__type__": "update"}
+    assert all(out[4:] == (skip,) * (ui.RUN_OUTPUTS - 4) for out in partial)  # summary, plots: untouched
+    assert partial[0][0] == "Full program · generating…"  # the full answer comes first (a new prompt)
+    edited_texts = [out[3][0][0] for out in partial if out[2] != skip]
+    details = final[-2]
+    assert edited_texts and details["edited_answer"].startswith(edited_texts[0].rstrip("…"))
+    assert final[5] is not skip and "layer calls" in final[4]
+
+
+def test_closing_a_streaming_run_stops_the_model(real_lm):
+    """Gradio closes a streaming handler whose client left: the run must stop at its next token."""
+    import threading
+
+    from app import handlers
+    from app import ui
+
+    stopped = threading.Event()
+    original = handlers.run
+
+    def watched_run(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except handlers.Superseded:
+            stopped.set()
+            raise
+
+    handlers.run = watched_run
+    try:
+        run = ui.on_run("Write a short story about a cat who learns to swim.", "0-19", "", None, Session())
+        next(run)  # the first partial answer: generation is under way
+        run.close()
+        assert stopped.wait(10)  # long before the two 32-token answers would have finished
+    finally:
+        handlers.run = original
 
 
 def test_run_tickets_stop_only_older_runs_of_the_same_session():

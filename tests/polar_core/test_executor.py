@@ -315,3 +315,15 @@ def test_states_at_the_first_answer_token_per_row(tiny_llama):
         torch.testing.assert_close(together[row].answer_step_hidden, alone.answer_step_hidden, rtol=1e-4, atol=1e-5)
     one_token = generate(tiny_llama, _batch(rows[:1]), programs[0], max_new_tokens=1, stop_at_eos=False, capture="last")
     assert one_token[0].answer_step_hidden is None  # no second token is chosen
+
+
+@pytest.mark.parametrize("drafts", [[], [[1, 2, 3]]])
+def test_on_tokens_sees_the_answer_grow_to_the_final_one(tiny_llama, drafts):
+    seen = []
+    plain = generate(tiny_llama, _batch(ROWS[:1]), None, max_new_tokens=8, stop_at_eos=False)[0]
+    own = [plain.token_ids] if drafts else []
+    trace = generate(tiny_llama, _batch(ROWS[:1]), None, max_new_tokens=8, stop_at_eos=False, drafts=own,
+                     on_tokens=lambda rows: seen.append(list(rows[0])))[0]
+    assert seen[-1] == trace.token_ids == plain.token_ids
+    assert all(a == b[: len(a)] and len(a) < len(b) for a, b in zip(seen, seen[1:]))
+    assert len(seen) == (2 if drafts else 8)  # the prompt pass's token, then one pass over the draft
