@@ -118,8 +118,9 @@ def _cmd_redundancy(args: argparse.Namespace) -> int:
     print(f"lowest block influence (ShortGPT drop order): {order[:8]}")
     for n in (1, 2, 4, 8):
         if n < red.num_layers:
-            l = red.most_redundant_block(n)
-            print(f"most redundant block of {n}: layers {l}-{l + n - 1} (d = {red.angular_distance[n - 1, l]:.3f})")
+            start = red.most_redundant_block(n)
+            print(f"most redundant block of {n}: layers {start}-{start + n - 1} "
+                  f"(d = {red.angular_distance[n - 1, start]:.3f})")
     return 0
 
 

@@ -295,8 +295,7 @@ def test_closing_a_streaming_run_stops_the_model(real_lm):
     """Gradio closes a streaming handler whose client left: the run must stop at its next token."""
     import threading
 
-    from app import handlers
-    from app import ui
+    from app import handlers, ui
 
     stopped = threading.Event()
     original = handlers.run

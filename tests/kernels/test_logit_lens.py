@@ -31,7 +31,8 @@ def make_inputs(n, v, d, dtype, device="cpu", seed=0, with_target=True):
     norm_weight = 1 + 0.2 * torch.randn(d, generator=g)
     w = torch.randn(v, d, generator=g) * (3 / d ** 0.5)  # logits of std ~3: peaked, like a real lm_head
     target = torch.randint(0, v, (n,), generator=g) if with_target else None
-    to = lambda t: None if t is None else t.to(device)
+    def to(t):
+        return None if t is None else t.to(device)
     return to(hidden), to(norm_weight), w.to(device=device, dtype=dtype), to(target)
 
 

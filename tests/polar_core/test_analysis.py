@@ -10,8 +10,18 @@ from tiny import build_tiny
 
 from polar_core import analysis
 from polar_core.analysis import (
-    Redundancy, analyze, answer_diff, block_influence, gromov_program, layer_redundancy, load_redundancy,
-    logit_lens, save_redundancy, shortgpt_program, similarity_matrix, target_logits_and_ranks,
+    Redundancy,
+    analyze,
+    answer_diff,
+    block_influence,
+    gromov_program,
+    layer_redundancy,
+    load_redundancy,
+    logit_lens,
+    save_redundancy,
+    shortgpt_program,
+    similarity_matrix,
+    target_logits_and_ranks,
 )
 from polar_core.executor import generate, pad_left
 from polar_core.program import Program

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import pytest
+from tiny import tiny_lm_with_chars
 
 from polar_core.evaluate import (
     EvalTable,
@@ -27,7 +28,6 @@ from polar_core.program import Program
 from polar_core.router import RouterConfig, load_default_router, predict_programs, rigged_router
 from polar_core.supervision import SupervisionSample
 from polar_core.tasks import TaskItem, build_prompt, load_suite
-from tiny import tiny_lm_with_chars
 
 D = 4
 

@@ -24,8 +24,9 @@ def test_corrupted_checkpoint_directory_is_a_load_error(tmp_path):
 
 def test_local_directory_round_trip(tmp_path):
     """A saved tiny checkpoint loads through the same path as a real one."""
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tok_models
 
     lm = build_tiny("qwen3")
     lm.model.save_pretrained(tmp_path)

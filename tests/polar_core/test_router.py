@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_lm_with_chars
 
 from polar_core.program import OPS, Program, Segment
 from polar_core.router import (
@@ -26,7 +27,6 @@ from polar_core.router import (
     train_router,
 )
 from polar_core.supervision import SupervisionSample, load_supervision
-from tiny import tiny_lm_with_chars
 
 D = 4
 
