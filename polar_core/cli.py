@@ -218,10 +218,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
     def progress(done, total):
         bar.update(done - bar.n)
 
+    checks = None  # the second stage's bar, made when it starts
+
+    def check_progress(done, total):
+        nonlocal checks
+        if checks is None:
+            bar.close()
+            checks = tqdm(total=total, desc="check by decoding", unit="program")
+        checks.update(done - checks.n)
+
     started = time.perf_counter()
     records = search_task_items(lm, items, methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
-                                progress=progress)
+                                progress=progress, check_progress=check_progress)
     bar.close()
+    if checks is not None:
+        checks.close()
     seconds = time.perf_counter() - started
     by_id = {it.id: it for it in items}
     samples = [

@@ -375,8 +375,10 @@ def decode_many(
     shots: int = 3,
     max_new_tokens: int = 8,
     batch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[bool]:
-    """Exact validity of many (item, program) pairs, rows of mixed prompts batched."""
+    """Exact validity of many (item, program) pairs, rows of mixed prompts batched.
+    `progress(done, total)` is called after each batch."""
     if lm.tokenizer is None:
         raise ValueError("decode_many needs a model with a tokenizer")
     pairs = list(pairs)
@@ -394,6 +396,8 @@ def decode_many(
         traces = generate(lm, batch, [pairs[i][1] for i in chunk], max_new_tokens=max_new_tokens, stop_strings=(STOP_TEXT,))
         for i, trace in zip(chunk, traces):
             verdicts[i] = check_answer(extract_answer(trace.text), pairs[i][0])
+        if progress is not None:
+            progress(lo + len(chunk), len(order))
     return verdicts
 
 

@@ -519,6 +519,7 @@ def search_task_items(
     recheck_invalid: int = 8,
     group: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    check_progress: Callable[[int, int], None] | None = None,
 ) -> list[ItemRecord]:
     """Search every item with teacher-forced scoring, then verify by decoding.
 
@@ -533,6 +534,8 @@ def search_task_items(
         methods: "mcts" and/or "greedy"; several share one verdict cache per item.
         group: searches run in lock step together (default: 256 on CUDA, 8 on CPU).
         progress: called with (searches finished, searches in all).
+        check_progress: called with (programs decoded, programs to decode) while
+            the found programs are checked by decoding.
     """
     from polar_core.executor import generate
     from polar_core.scoring import decode_many, reference_target, teacher_forced_scores
@@ -591,7 +594,7 @@ def search_task_items(
         tf_invalid.append(sorted((p for p in seen[i] if not caches[i][p]), key=order))
         recheck.append(rng.sample(tf_invalid[i], min(recheck_invalid, len(tf_invalid[i]))))
     pairs = [(i, p) for i in range(len(items)) for p in (*tf_valid[i], *recheck[i])]
-    verdicts = decode_many(lm, [(items[i], Program(p, D)) for i, p in pairs], shots=shots)
+    verdicts = decode_many(lm, [(items[i], Program(p, D)) for i, p in pairs], shots=shots, progress=check_progress)
     decoded = {(i, p): ok for (i, p), ok in zip(pairs, verdicts)}
     records = []
     for i, item in enumerate(items):

@@ -171,11 +171,13 @@ def test_task_item_search_gives_the_same_records_in_any_grouping():
 
     lm = tiny_lm_with_chars()
     items = sample_items("capitals", 2, "test") + sample_items("add_1digit", 1, "test")
-    seen = []
+    seen, checked = [], []
     one_by_one = search_task_items(lm, items, budget=6, recheck_invalid=2, group=1,
-                                   progress=lambda done, total: seen.append((done, total)))
+                                   progress=lambda done, total: seen.append((done, total)),
+                                   check_progress=lambda done, total: checked.append((done, total)))
     together = search_task_items(lm, items, budget=6, recheck_invalid=2, group=len(items))
     assert seen[-1] == (3, 3)
+    assert checked and checked[-1][0] == checked[-1][1] > 0  # the decoding check shows progress too
     key = lambda r: (r.item_id, r.initial_answer, [p.path for p in r.valid], [p.path for p in r.invalid],  # noqa: E731
                      r.programs_scored)
     assert [key(r) for r in one_by_one] == [key(r) for r in together]
