@@ -22,7 +22,7 @@ loadtest: $(STAMP)
 # 75 minutes on 2 CPU cores): search train and test items, train, evaluate.
 SUP := assets/supervision
 router-eval: $(STAMP)
-	$(PY) -m polar_core search --split train --per-family 10 --budget 40 --method mcts \
+	$(PY) -m polar_core search --split train --per-family 30 --budget 40 --method mcts \
 	    --max-valid 32 --max-invalid 16 --out $(SUP)/smollm2_train.json
 	$(PY) -m polar_core search --split test --per-family 8 --budget 64 --method mcts --out $(SUP)/smollm2_test.json
 	$(PY) -m polar_core train --supervision $(SUP)/smollm2_train.json --out assets/router/smollm2-135m-instruct --epochs 40
