@@ -435,7 +435,7 @@ def lens_states(lm: LoadedModel, trace) -> tuple[torch.Tensor, int]:
     digit or word is chosen.
     """
     ids = trace.token_ids
-    if getattr(trace, "answer_step_hidden", None) is not None and len(ids) >= 2 and _is_blank(lm, ids[0]):
+    if trace.answer_step_hidden is not None and len(ids) >= 2 and _is_blank(lm, ids[0]):
         return trace.answer_step_hidden, 1
     return trace.step_hidden, 0
 

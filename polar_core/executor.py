@@ -509,8 +509,8 @@ def generate(
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
 
     started = time.perf_counter()
-    # A draft check may write up to MAX_PROPOSAL positions past the answer before they are rewound.
-    capacity = batch.input_ids.shape[1] + max_new_tokens + (MAX_PROPOSAL if drafts else 0) if use_cache else None
+    # Draft checks fit too: a proposal never runs past max_new_tokens (see _decode_with_drafts).
+    capacity = batch.input_ids.shape[1] + max_new_tokens if use_cache else None
     pre = prefill(lm, batch, programs, capture=capture, cache_capacity=capacity)
     prefill_seconds = time.perf_counter() - started
 
