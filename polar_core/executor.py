@@ -22,6 +22,7 @@ import torch
 
 from polar_core.adapter import SLIDING_ATTENTION, Adapter
 from polar_core.models import LoadedModel
+from polar_core.packed import MAX_ROWS
 from polar_core.program import Program, ProgramError
 
 CAPTURE_MODES = (None, "last", "all")
@@ -563,7 +564,11 @@ def generate(
 
 # ---------------------------------------------------------------- drafts
 
-MAX_PROPOSAL = 32  # draft tokens checked in one pass; on 2 CPU cores a 33-token pass costs ~2.3 one-token passes
+# Draft tokens checked in one pass. 1 + 7 rows still multiply by packed 4-bit
+# codes on a CPU (polar_core.packed); a longer check uses the float32 weights
+# and costs ~4 one-token passes there, so long proposals lost more than they
+# saved (app latency: drafts 1.07x plain decoding with 32, 0.93x with 7).
+MAX_PROPOSAL = MAX_ROWS - 1
 
 
 def propose_from_drafts(drafts: Sequence[Sequence[int]], generated: Sequence[int], limit: int) -> list[int]:

@@ -1,0 +1,155 @@
+"""Weights multiplied as their exact 4-bit codes (polar_core.packed): same weights, same model."""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from polar_core import packed
+from polar_core.executor import forward_logits, generate, pad_left, resolve_programs
+from polar_core.models import from_model
+from polar_core.program import Program
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ") + " "
+    except OSError:
+        return False
+
+
+# Where the kernel can be built (x86-64 with AVX2 and a C compiler: CI, the Space) it must be.
+needs_kernel = pytest.mark.skipif(not (_has_avx2() and shutil.which("cc")), reason="no AVX2 CPU or C compiler")
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kernels")
+
+
+def q4_grid(weight: torch.Tensor) -> torch.Tensor:
+    """Round a weight to what a Q4_1 file stores: per 32 inputs a float16 scale and minimum, 4-bit codes."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features, in_features // 32, 32)
+    low = blocks.amin(-1).half().float()
+    scale = ((blocks.amax(-1) - low) / 15).half().float()
+    codes = ((blocks - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+    return (scale[..., None] * codes + low[..., None]).reshape(out_features, in_features)
+
+
+def q4_model(seed: int = 0):
+    """A tiny llama whose layer weights lie on the Q4_1 grid, like the embedded model's."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.copy_(q4_grid(module.weight))
+    return from_model(model, name="tiny-q4")
+
+
+def test_codes_give_back_every_weight_bit_for_bit():
+    weight = q4_grid(torch.randn(64, 96) * 0.05)
+    codes = packed.find_q4_codes(weight)
+    assert codes is not None
+    assert torch.equal(codes.weight(), weight)
+    assert codes.codes.dtype == torch.uint8 and int(codes.codes.max()) <= 15
+
+
+def test_weights_that_are_not_codes_are_refused():
+    assert packed.find_q4_codes(torch.randn(64, 96)) is None  # plain float weights
+    assert packed.find_q4_codes(q4_grid(torch.randn(48, 96))) is None  # out features not whole tiles
+    nudged = q4_grid(torch.randn(64, 96))
+    nudged[3, 40] = torch.nextafter(nudged[3, 40], torch.tensor(1.0))  # one weight one float step off
+    assert packed.find_q4_codes(nudged) is None
+    assert packed.find_q4_codes(q4_grid(torch.randn(64, 96)).double()) is None
+
+
+def test_constant_blocks_have_zero_scales():
+    weight = torch.full((32, 64), 0.25)
+    codes = packed.find_q4_codes(weight)
+    assert codes is not None and torch.equal(codes.weight(), weight) and not codes.scales.any()
+
+
+@needs_kernel
+def test_kernel_multiplies_by_the_very_same_weights(kernel_dir):
+    """Unit rows pick out single weights: the kernel's product gives each back exactly."""
+    kernel, why_not = packed.load_kernel(kernel_dir)
+    assert kernel is not None, why_not
+    weight = q4_grid(torch.randn(96, 64) * 0.05)
+    tiled = packed.packed_layout(packed.find_q4_codes(weight))
+    eye = torch.eye(64)
+    out = torch.empty(64, 96)
+    kernel(eye.data_ptr(), 64, 64, 96, *(t.data_ptr() for t in tiled), out.data_ptr())
+    assert torch.equal(out.t(), weight)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, packed.MAX_ROWS, packed.MAX_ROWS + 1])
+def test_packed_linear_matches_the_float32_product(kernel_dir, rows):
+    lm = q4_model()
+    report = packed.pack_linears(lm.model, kernel_dir)
+    linear = lm.model.model.layers[0].mlp.down_proj
+    assert type(linear) is packed.PackedLinear and report.packed == 3 * 7
+    x = torch.randn(1, rows, 128)
+    with torch.inference_mode():
+        y = linear(x)
+        with packed.float32_products(lm.model):
+            expected = linear(x)
+    assert y.shape == (1, rows, 64)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_packed_model_is_the_same_model(kernel_dir):
+    """Identity program = the model's own forward; greedy answers equal the float32 ones."""
+    lm = q4_model()
+    report = packed.pack_linears(lm.model, kernel_dir)
+    assert report.packed == 21 and report.kept == 1 and "21 of 22" in str(report)  # the LM head stays float32
+    assert not any(k.startswith("q4") or ".q4_" in k for k in lm.model.state_dict())
+    for prompt in ([5, 6, 7, 8, 9, 10], list(range(3, 3 + 2 * packed.MAX_ROWS))):  # packed and float32 prompt passes
+        batch = pad_left([prompt], pad_id=0, device="cpu")
+        identity = resolve_programs(lm, Program.full(lm.num_layers), 1)
+        with torch.inference_mode():
+            own = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        torch.testing.assert_close(forward_logits(lm, batch, identity), own, rtol=0, atol=0)
+        for text in ("0-2", "0, 1x2, 2", "0, 2"):
+            programs = resolve_programs(lm, Program.parse(text, 3), 1)
+            fast = generate(lm, batch, programs, max_new_tokens=12, stop_at_eos=False)
+            with packed.float32_products(lm.model):
+                slow = generate(lm, batch, programs, max_new_tokens=12, stop_at_eos=False)
+            assert [t.token_ids for t in fast] == [t.token_ids for t in slow]
+    copy.deepcopy(lm.model)  # a packed model can still be copied
+
+
+@needs_kernel
+def test_float32_products_switch_back(kernel_dir):
+    lm = q4_model()
+    packed.pack_linears(lm.model, kernel_dir)
+    with packed.float32_products(lm.model):
+        assert not any(type(m) is packed.PackedLinear for m in lm.model.modules())
+    assert sum(type(m) is packed.PackedLinear for m in lm.model.modules()) == 21
+
+
+def test_without_a_compiler_the_weights_stay_float32(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    lm = q4_model()
+    report = packed.pack_linears(lm.model, tmp_path)
+    assert report.packed == 0 and "no packed kernel" in str(report)
+    assert not any(type(m) is packed.PackedLinear for m in lm.model.modules())
+
+
+def test_float_weights_are_left_alone(tmp_path):
+    from tiny import build_tiny
+
+    lm = build_tiny.__wrapped__("llama")
+    report = packed.pack_linears(lm.model, tmp_path)
+    assert report.packed == 0 and not any(type(m) is packed.PackedLinear for m in lm.model.modules())
