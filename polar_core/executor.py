@@ -22,7 +22,6 @@ import torch
 
 from polar_core.adapter import SLIDING_ATTENTION, Adapter
 from polar_core.models import LoadedModel
-from polar_core.packed import MAX_ROWS
 from polar_core.program import Program, ProgramError
 
 CAPTURE_MODES = (None, "last", "all")
@@ -564,11 +563,11 @@ def generate(
 
 # ---------------------------------------------------------------- drafts
 
-# Draft tokens checked in one pass. 1 + 7 rows still multiply by packed 4-bit
-# codes on a CPU (polar_core.packed); a longer check uses the float32 weights
-# and costs ~4 one-token passes there, so long proposals lost more than they
-# saved (app latency: drafts 1.07x plain decoding with 32, 0.93x with 7).
-MAX_PROPOSAL = MAX_ROWS - 1
+# Draft tokens checked in one pass. Most proposals are rejected early, and a
+# pass costs more the more rows it checks: with the packed 4-bit weights on a
+# CPU (polar_core.packed) 8 rows cost ~3 one-row passes, 33 rows ~11. Measured
+# on the app-latency edits: drafts 0.93-0.98x plain decoding with 7, 1.07x with 32.
+MAX_PROPOSAL = 7
 
 
 def propose_from_drafts(drafts: Sequence[Sequence[int]], generated: Sequence[int], limit: int) -> list[int]:

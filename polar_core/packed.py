@@ -10,8 +10,8 @@ bit for bit), and multiplies with them directly (`csrc/q4_linear.c`: 0.5 byte
 per weight plus a scale and a minimum per 32).
 
 The model stays the same function with the same weights: the float32
-`weight` is kept (the prompt pass, long draft checks and everything that
-reads weights use it), and a packed product differs from the float32 one only
+`weight` is kept (prompt passes of more than MAX_ROWS tokens and everything
+that reads weights use it), and a packed product differs from the float32 one only
 in the rounding of a different summation order, as between any two BLAS
 kernels. The model's own `forward` and the executor share the modules, so the
 identity program still equals the unmodified model.
@@ -38,10 +38,11 @@ import torch.nn.functional as F
 
 BLOCK = 32  # inputs per scale and minimum (Q4_1)
 TILE = 32  # outputs per tile of the packed layout (see csrc/q4_linear.c)
-# Products of at most this many rows use the codes. A prompt pass is a
-# matrix-matrix product, where BLAS on float32 wins (measured on a 2-core EPYC:
-# 4 rows packed 22 ms vs float32 55 ms per token's worth of layer weights).
-MAX_ROWS = 8
+# Products of at most this many rows use the codes; longer prompt passes are
+# matrix-matrix products, where BLAS on float32 catches up (bench/bench_packed.py
+# on a 2-core EPYC, all layer weights once: 1 row 9 vs 36 ms, 16 rows 53 vs
+# 86 ms, 32 rows 101 vs 95 ms).
+MAX_ROWS = 16
 SOURCE = Path(__file__).parent / "csrc" / "q4_linear.c"
 
 
