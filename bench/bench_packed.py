@@ -1,11 +1,12 @@
-"""One token's worth of layer products: float32 weights vs their 4-bit codes.
+"""One token's worth of weight products: float32 weights vs their GGUF codes.
 
     .venv/bin/python bench/bench_packed.py --threads 2 --out bench/results/packed.md
 
-Multiplies `rows` input rows by all 210 layer weights of the default model (as
-decoding does for one token, or a draft check for `rows` tokens), once with
-the packed kernel (`polar_core.packed`) and once with the float32 weights in
-the layouts chosen at load, interleaved, fastest of 5 rounds. This is what
+Multiplies `rows` input rows by every packed weight of the default model once
+(210 Q4_1 layer weights and the Q8_0 LM head: what decoding does for one
+token, or a draft check for `rows` tokens), with the packed kernels
+(`polar_core.packed`) and with the float32 weights in the layouts chosen at
+load, interleaved, fastest of 5 rounds. This is what
 sets `packed.MAX_ROWS`: the codes win while the product is bound by reading
 weights; a prompt pass of many rows is a matrix product, where BLAS wins.
 """
@@ -50,25 +51,28 @@ def main(argv=None) -> int:
         print(f"nothing packed on this machine: {lm.packing}")
         return 1
     lines = [
-        "# Layer products of one token: 4-bit codes vs float32 weights",
+        "# Weight products of one token: GGUF codes vs float32 weights",
         "",
         f"Command: `.venv/bin/python bench/bench_packed.py --threads {args.threads}`",
         "",
-        f"- model: {lm.name}, {len(modules)} packed layer weights ({lm.packing}); CPU: "
+        f"- model: {lm.name}, {len(modules)} packed weights ({lm.packing}); CPU: "
         f"{platform.processor() or platform.machine()}, torch threads {args.threads} (the kernel uses one)",
-        "- time to multiply `rows` rows by every layer weight once, fastest of 5 rounds, codes and float32 interleaved",
+        "- time to multiply `rows` rows by every packed weight once, fastest of 5 rounds, codes and float32 "
+        "interleaved; the LM head alone in the last columns",
         "",
-        "| rows | float32 (ms) | codes (ms) | codes / float32 |",
-        "|---:|---:|---:|---:|",
+        "| rows | float32 (ms) | codes (ms) | codes / float32 | LM head float32 (ms) | LM head Q8_0 (ms) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     limit, packed.MAX_ROWS = packed.MAX_ROWS, 1 << 20  # measure the codes beyond the limit too
+    head = [m for m in modules if m.code_format == "q8_0"]
     for rows in (1, 2, 4, 8, 16, 32):
-        codes = seconds_per_token(modules, rows)
+        codes, head_codes = seconds_per_token(modules, rows), seconds_per_token(head, rows)
         with float32_products(lm.model):
-            dense = seconds_per_token(modules, rows)
-        codes = min(codes, seconds_per_token(modules, rows))
+            dense, head_dense = seconds_per_token(modules, rows), seconds_per_token(head, rows)
+        codes, head_codes = min(codes, seconds_per_token(modules, rows)), min(head_codes, seconds_per_token(head, rows))
         note = "" if rows <= limit else f" (above MAX_ROWS = {limit}: float32 is used)"
-        lines.append(f"| {rows} | {dense * 1e3:.1f} | {codes * 1e3:.1f} | {codes / dense:.2f}{note} |")
+        lines.append(f"| {rows} | {dense * 1e3:.1f} | {codes * 1e3:.1f} | {codes / dense:.2f}{note} "
+                     f"| {head_dense * 1e3:.1f} | {head_codes * 1e3:.1f} |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

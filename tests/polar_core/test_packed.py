@@ -10,6 +10,7 @@ import torch
 
 from polar_core import packed
 from polar_core.executor import forward_logits, generate, pad_left, resolve_programs
+from polar_core.layout import input_major
 from polar_core.models import from_model
 from polar_core.program import Program
 
@@ -40,11 +41,19 @@ def q4_grid(weight: torch.Tensor) -> torch.Tensor:
     return (scale[..., None] * codes + low[..., None]).reshape(out_features, in_features)
 
 
+def q8_grid(weight: torch.Tensor) -> torch.Tensor:
+    """Round a weight to what a Q8_0 file stores: per 32 inputs a float16 scale, 8-bit codes."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features, in_features // 32, 32)
+    scale = (blocks.abs().amax(-1) / 127).half().float()
+    return (scale[..., None] * (blocks / scale[..., None]).round().clamp(-127, 127)).reshape(out_features, in_features)
+
+
 def q4_model(seed: int = 0):
-    """A tiny llama whose layer weights lie on the Q4_1 grid, like the embedded model's."""
+    """A tiny llama stored like the embedded model: layer weights on the Q4_1 grid, the LM head on Q8_0."""
     import transformers as tf
 
-    config = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    config = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
@@ -53,6 +62,7 @@ def q4_model(seed: int = 0):
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in name:
                 module.weight.copy_(q4_grid(module.weight))
+        model.lm_head.weight.copy_(q8_grid(model.lm_head.weight))
     return from_model(model, name="tiny-q4")
 
 
@@ -80,16 +90,34 @@ def test_constant_blocks_have_zero_scales():
 
 
 @needs_kernel
-def test_kernel_multiplies_by_the_very_same_weights(kernel_dir):
+@pytest.mark.parametrize("grid, code_format", [(q4_grid, "q4_1"), (q8_grid, "q8_0")])
+def test_kernel_multiplies_by_the_very_same_weights(kernel_dir, grid, code_format):
     """Unit rows pick out single weights: the kernel's product gives each back exactly."""
     kernel, why_not = packed.load_kernel(kernel_dir)
     assert kernel is not None, why_not
-    weight = q4_grid(torch.randn(96, 64) * 0.05)
-    tiled = packed.packed_layout(packed.find_q4_codes(weight))
+    weight = grid(torch.randn(96, 64) * 0.05)
+    name, tensors = packed.pack_weight(kernel, weight)
+    assert name == code_format
     eye = torch.eye(64)
     out = torch.empty(64, 96)
-    kernel(eye.data_ptr(), 64, 64, 96, *(t.data_ptr() for t in tiled), out.data_ptr())
+    kernel.functions[name][0](eye.data_ptr(), 64, 64, 96, *(t.data_ptr() for t in tensors), out.data_ptr())
     assert torch.equal(out.t(), weight)
+
+
+@needs_kernel
+def test_c_packing_equals_the_torch_reference(kernel_dir):
+    kernel, why_not = packed.load_kernel(kernel_dir)
+    assert kernel is not None, why_not
+    accepted = (q4_grid(torch.randn(64, 96) * 0.05), q4_grid(torch.randn(96, 64)), torch.full((32, 32), -2.5),
+                input_major(q4_grid(torch.randn(64, 96))))  # as polar_core.layout may store it
+    for weight in accepted:
+        name, ours = packed.pack_weight(kernel, weight)
+        reference = packed.packed_layout(packed.find_q4_codes(weight))
+        assert name == "q4_1" and all(torch.equal(a, b) for a, b in zip(ours, reference))
+    nudged = q4_grid(torch.randn(64, 96))
+    nudged[3, 40] = torch.nextafter(nudged[3, 40], torch.tensor(1.0))
+    for weight in (torch.randn(64, 96), nudged, q4_grid(torch.randn(48, 96)), q4_grid(torch.randn(64, 96)).double()):
+        assert packed.find_q4_codes(weight) is None and packed.pack_weight(kernel, weight) is None
 
 
 @needs_kernel
@@ -98,7 +126,7 @@ def test_packed_linear_matches_the_float32_product(kernel_dir, rows):
     lm = q4_model()
     report = packed.pack_linears(lm.model, kernel_dir)
     linear = lm.model.model.layers[0].mlp.down_proj
-    assert type(linear) is packed.PackedLinear and report.packed == 3 * 7
+    assert type(linear) is packed.PackedLinear and report.packed == {"q4_1": 3 * 7, "q8_0": 1}
     x = torch.randn(1, rows, 128)
     with torch.inference_mode():
         y = linear(x)
@@ -113,8 +141,8 @@ def test_packed_model_is_the_same_model(kernel_dir):
     """Identity program = the model's own forward; greedy answers equal the float32 ones."""
     lm = q4_model()
     report = packed.pack_linears(lm.model, kernel_dir)
-    assert report.packed == 21 and report.kept == 1 and "21 of 22" in str(report)  # the LM head stays float32
-    assert not any(k.startswith("q4") or ".q4_" in k for k in lm.model.state_dict())
+    assert report.kept == 0 and "22 of 22" in str(report) and lm.model.lm_head.code_format == "q8_0"
+    assert not any(k.endswith((".codes", ".scales", ".mins")) for k in lm.model.state_dict())
     for prompt in ([5, 6, 7, 8, 9, 10], list(range(3, 3 + 2 * packed.MAX_ROWS))):  # packed and float32 prompt passes
         batch = pad_left([prompt], pad_id=0, device="cpu")
         identity = resolve_programs(lm, Program.full(lm.num_layers), 1)
@@ -136,14 +164,14 @@ def test_float32_products_switch_back(kernel_dir):
     packed.pack_linears(lm.model, kernel_dir)
     with packed.float32_products(lm.model):
         assert not any(type(m) is packed.PackedLinear for m in lm.model.modules())
-    assert sum(type(m) is packed.PackedLinear for m in lm.model.modules()) == 21
+    assert sum(type(m) is packed.PackedLinear for m in lm.model.modules()) == 22
 
 
 def test_without_a_compiler_the_weights_stay_float32(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     lm = q4_model()
     report = packed.pack_linears(lm.model, tmp_path)
-    assert report.packed == 0 and "no packed kernel" in str(report)
+    assert report.packed == {} and "no packed kernel" in str(report)
     assert not any(type(m) is packed.PackedLinear for m in lm.model.modules())
 
 
@@ -152,4 +180,4 @@ def test_float_weights_are_left_alone(tmp_path):
 
     lm = build_tiny.__wrapped__("llama")
     report = packed.pack_linears(lm.model, tmp_path)
-    assert report.packed == 0 and not any(type(m) is packed.PackedLinear for m in lm.model.modules())
+    assert report.packed == {} and not any(type(m) is packed.PackedLinear for m in lm.model.modules())

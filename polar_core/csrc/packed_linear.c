@@ -1,0 +1,223 @@
+/* y = x W^T with W kept as the codes of the embedded GGUF, not as float32.
+ *
+ * Decoding multiplies one token by every weight, so its speed is how fast the
+ * weights stream from memory; codes are 1/8 (4-bit) or 1/4 (8-bit) of the
+ * float32 bytes. Two formats, each per block of 32 inputs (b = k / 32):
+ *
+ *   Q4_1 (the layer weights):  W[n, k] = d[n, b] * q[n, k] + m[n, b],  q in 0..15
+ *   Q8_0 (the tied LM head):   W[n, k] = d[n, b] * q[n, k],            q in -127..127
+ *
+ * with d and m float16 values. The sums are taken per block, d * sum(q x)
+ * (+ m * sum(x)): the same weights, the float rounding of another summation
+ * order. x86-64 with AVX2, FMA and F16C, one thread (polar_core/packed.py
+ * compiles this at the first load and keeps float32 where it cannot).
+ *
+ * q4_pack / q8_pack find the codes in a float32 weight and write them in the
+ * kernel's layout, or refuse (return 0) unless d * q (+ m) gives back every
+ * weight exactly. polar_core.packed.find_q4_codes is the torch reference of
+ * q4_pack (same codes, same acceptance).
+ *
+ * Q4_1 layout: outputs in tiles of 32;
+ *   codes  [N/32][K][16] bytes: byte j of (tile t, input k) holds
+ *          q[32t + j, k] in its low nibble and q[32t + 16 + j, k] in its high;
+ *   scales, mins [N/32][K/32][32] floats.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "the packed kernels need AVX2, FMA and F16C"
+#endif
+#include <immintrin.h>
+
+/* One tile (32 outputs) for ROWS input rows (1 or 2): the codes are widened
+ * to floats once and used for every row. Each row's sums are split in SPLIT
+ * partial sums: consecutive FMAs into one register would wait on each other's
+ * latency. Inlined with constant ROWS and SPLIT, the arrays live in registers. */
+static inline __attribute__((always_inline)) void
+tile_product(const int ROWS, const int SPLIT, const float *const x[2], const float *const x_block_sums[2], int K,
+             const uint8_t *codes, const float *scales, const float *mins, float *const y[2]) {
+    const __m256i low_nibble = _mm256_set1_epi32(15);
+    __m256 acc[2][4];
+    for (int r = 0; r < ROWS; r++)
+        for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();
+    for (int b = 0; b < K / 32; b++) {
+        __m256 part[2][2][4];
+        for (int r = 0; r < ROWS; r++)
+            for (int u = 0; u < SPLIT; u++)
+                for (int v = 0; v < 4; v++) part[r][u][v] = _mm256_setzero_ps();
+        for (int k = 32 * b; k < 32 * b + 32; k += SPLIT) {
+            for (int u = 0; u < SPLIT; u++) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(codes + (size_t)(k + u) * 16));
+                __m256i q0 = _mm256_cvtepu8_epi32(raw);                     /* outputs 0-7, 16-23 */
+                __m256i q1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));  /* outputs 8-15, 24-31 */
+                __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(q0, low_nibble)),
+                               _mm256_cvtepi32_ps(_mm256_and_si256(q1, low_nibble)),
+                               _mm256_cvtepi32_ps(_mm256_srli_epi32(q0, 4)),
+                               _mm256_cvtepi32_ps(_mm256_srli_epi32(q1, 4))};
+                for (int r = 0; r < ROWS; r++) {
+                    __m256 xk = _mm256_set1_ps(x[r][k + u]);
+                    for (int v = 0; v < 4; v++) part[r][u][v] = _mm256_fmadd_ps(w[v], xk, part[r][u][v]);
+                }
+            }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            __m256 x_sum = _mm256_set1_ps(x_block_sums[r][b]);
+            for (int v = 0; v < 4; v++) {
+                __m256 codes_dot_x = part[r][0][v];
+                for (int u = 1; u < SPLIT; u++) codes_dot_x = _mm256_add_ps(codes_dot_x, part[r][u][v]);
+                acc[r][v] = _mm256_fmadd_ps(_mm256_loadu_ps(scales + 32 * b + 8 * v), codes_dot_x, acc[r][v]);
+                acc[r][v] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + 32 * b + 8 * v), x_sum, acc[r][v]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(y[r] + 8 * v, acc[r][v]);
+}
+
+static void block_sums(const float *x, int K, float *sums) {
+    for (int b = 0; b < K / 32; b++) {
+        float s = 0.f;
+        for (int j = 0; j < 32; j++) s += x[32 * b + j];
+        sums[b] = s;
+    }
+}
+
+/* Per row, the sums of x over each block of 32 inputs (for the minimums). */
+static float *block_sums_of_rows(const float *x, int rows, int K) {
+    float *sums = malloc(sizeof(float) * (size_t)rows * (K / 32) + 1);
+    if (!sums) return NULL;
+    for (int r = 0; r < rows; r++) block_sums(x + (size_t)r * K, K, sums + (size_t)r * (K / 32));
+    return sums;
+}
+
+/* Returns 0, or -1 when out of memory (y untouched). Tiles outside, rows
+ * inside: a tile's codes (K * 16 bytes) come from memory once and stay in the
+ * first-level cache for the other rows. */
+int q4_linear(const float *x, int rows, int K, int N, const uint8_t *codes,
+              const float *scales, const float *mins, float *y) {
+    float *sums = block_sums_of_rows(x, rows, K);
+    if (!sums) return -1;
+    const int blocks = K / 32;
+    for (int t = 0; t < N / 32; t++) {
+        const uint8_t *ct = codes + (size_t)t * K * 16;
+        const float *st = scales + (size_t)t * K, *mt = mins + (size_t)t * K;
+        for (int r = 0; r < rows; r += 2) {  /* rows in pairs: one widening of the codes serves two */
+            const int pair = rows - r >= 2;
+            const float *xr[2] = {x + (size_t)r * K, x + (size_t)(r + pair) * K};
+            const float *sr[2] = {sums + (size_t)r * blocks, sums + (size_t)(r + pair) * blocks};
+            float *yr[2] = {y + (size_t)r * N + 32 * t, y + (size_t)(r + pair) * N + 32 * t};
+            if (pair)
+                tile_product(2, 1, xr, sr, K, ct, st, mt, yr);
+            else
+                tile_product(1, 2, xr, sr, K, ct, st, mt, yr);
+        }
+    }
+    free(sums);
+    return 0;
+}
+
+static float to_half_and_back(float v) {
+    return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* Codes, scales and minimums of a row-major (N, K) weight in the layout above;
+ * returns 1 if they give back every weight exactly, 0 (outputs unspecified)
+ * if not. Per block of 32 inputs, as Q4_1 stores it: minimum m = the block
+ * minimum, scale d = (max - min) / 15, both float16, codes round((w - m) / d).
+ * Exactness is checked in double precision, where d * q + m has no rounding
+ * (float16 d and m, 4-bit q), so the kernel multiplies by the very weights. */
+int q4_pack(const float *w, int N, int K, uint8_t *codes, float *scales, float *mins) {
+    const int blocks = K / 32;
+    memset(codes, 0, (size_t)N * K / 2);
+    for (int n = 0; n < N; n++) {
+        const int tile = n / 32, lane = n % 32, shift = 4 * (lane / 16), byte = lane % 16;
+        for (int b = 0; b < blocks; b++) {
+            const float *x = w + (size_t)n * K + 32 * b;
+            float low = x[0], high = x[0];
+            for (int k = 1; k < 32; k++) {
+                low = x[k] < low ? x[k] : low;
+                high = x[k] > high ? x[k] : high;
+            }
+            const float scale = to_half_and_back((high - low) / 15.0f);
+            if (to_half_and_back(low) != low || !isfinite(scale)) return 0;
+            for (int k = 0; k < 32; k++) {
+                float q = scale > 0 ? nearbyintf((x[k] - low) / scale) : 0.0f;
+                q = q < 0 ? 0 : (q > 15 ? 15 : q);
+                if ((double)scale * q + (double)low != (double)x[k]) return 0;
+                codes[((size_t)tile * K + 32 * b + k) * 16 + byte] |= (uint8_t)((int)q << shift);
+            }
+            scales[((size_t)tile * blocks + b) * 32 + lane] = scale;
+            mins[((size_t)tile * blocks + b) * 32 + lane] = low;
+        }
+    }
+    return 1;
+}
+
+/* ---- 8-bit codes (Q8_0, the embedded model's tied LM head) --------------------
+ *
+ *     W[n, k] = d[n, b] * q[n, k],   b = k / 32,  q in -127..127, d float16.
+ *
+ * Layout: the outputs in tiles of 16; codes [N/16][K][16] signed bytes (byte j
+ * of (tile t, input k) is q[16t + j, k]); scales [N/16][K/32][16]. */
+
+int q8_linear(const float *x, int rows, int K, int N, const int8_t *codes,
+              const float *scales, const float *unused, float *y) {
+    (void)unused;
+    for (int t = 0; t < N / 16; t++) {
+        const int8_t *c = codes + (size_t)t * K * 16;
+        const float *d = scales + (size_t)t * (K / 32) * 16;
+        for (int r = 0; r < rows; r++) {  /* the tile's codes stay in cache for the other rows */
+            const float *xr = x + (size_t)r * K;
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int b = 0; b < K / 32; b++) {
+                __m256 part[4][2];  /* four partial sums per output vector, for FMA latency */
+                for (int u = 0; u < 4; u++) part[u][0] = part[u][1] = _mm256_setzero_ps();
+                for (int k = 32 * b; k < 32 * b + 32; k += 4) {
+                    for (int u = 0; u < 4; u++) {
+                        __m128i raw = _mm_loadu_si128((const __m128i *)(c + (size_t)(k + u) * 16));
+                        __m256 xk = _mm256_set1_ps(xr[k + u]);
+                        part[u][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), xk, part[u][0]);
+                        part[u][1] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), xk, part[u][1]);
+                    }
+                }
+                for (int v = 0; v < 2; v++) {
+                    __m256 codes_dot_x = _mm256_add_ps(_mm256_add_ps(part[0][v], part[1][v]),
+                                                       _mm256_add_ps(part[2][v], part[3][v]));
+                    acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(d + 16 * b + 8 * v), codes_dot_x, acc[v]);
+                }
+            }
+            _mm256_storeu_ps(y + (size_t)r * N + 16 * t, acc[0]);
+            _mm256_storeu_ps(y + (size_t)r * N + 16 * t + 8, acc[1]);
+        }
+    }
+    return 0;
+}
+
+/* As q4_pack, for Q8_0: scale d = max |w| / 127 (float16), codes round(w / d). */
+int q8_pack(const float *w, int N, int K, int8_t *codes, float *scales, float *unused) {
+    (void)unused;
+    const int blocks = K / 32;
+    for (int n = 0; n < N; n++) {
+        const int tile = n / 16, lane = n % 16;
+        for (int b = 0; b < blocks; b++) {
+            const float *x = w + (size_t)n * K + 32 * b;
+            float amax = 0.f;
+            for (int k = 0; k < 32; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+            const float scale = to_half_and_back(amax / 127.0f);
+            if (!isfinite(scale)) return 0;
+            for (int k = 0; k < 32; k++) {
+                float q = scale > 0 ? nearbyintf(x[k] / scale) : 0.0f;
+                q = q < -127 ? -127 : (q > 127 ? 127 : q);
+                if ((double)scale * q != (double)x[k]) return 0;
+                codes[((size_t)tile * K + 32 * b + k) * 16 + lane] = (int8_t)q;
+            }
+            scales[((size_t)tile * blocks + b) * 16 + lane] = scale;
+        }
+    }
+    return 1;
+}
