@@ -537,12 +537,13 @@ def example_prompts(per_family: int = 2) -> list[tuple[str, str, str]]:
 
 
 def model_status(lm: LoadedModel) -> str:
-    """Status line: name, family, layers, parameters, device."""
+    """Status line: name, family, layers, parameters, device, and how the CPU multiplies the weights."""
     info = lm.describe()
     params = info["parameters"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    codes = " · decoding on the GGUF codes" if lm.packing and lm.packing.packed else ""
     return (f"**{info['name']}** · {info['family']} · {info['layers']} layers · hidden {info['hidden_size']} · "
-            f"{size} parameters · {info['device']} / {info['dtype']}")
+            f"{size} parameters · {info['device']} / {info['dtype']}{codes}")
 
 
 # ----------------------------------------------------------------- search

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         "the full program's trace is reused from the session, as in the app",
         "- weight layouts chosen at load by timing (`polar_core.layout`): "
         + "; ".join(f"{shape}: {choice}" for shape, choice in layouts.items()),
-        f"- weights multiplied as 4-bit codes (`polar_core.packed`): {lm.packing or 'no (not a CPU float32 load)'}",
+        f"- weights multiplied as their GGUF codes (`polar_core.packed`): {lm.packing or 'no (not a CPU float32 load)'}",
         "",
         "| edits | median (s) | p90 (s) | min (s) | max (s) | target median |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         f"{statistics.mean(dense):.3f} | {statistics.mean(dense) / statistics.mean(plain):.2f} (means) |",
         f"| model's own `generate`, 32 tokens, float32 weights, default row-major | {row_major:.3f} | | 1.00 |",
         f"| same, float32 weights in the layouts chosen at load | {float32_layouts:.3f} | | {float32_layouts / row_major:.2f} |",
-        f"| same, as loaded: 4-bit codes where exact, layouts | {yardstick:.3f} | | {yardstick / row_major:.2f} |",
+        f"| same, as loaded: GGUF codes where exact (4-bit layers, 8-bit LM head), layouts | {yardstick:.3f} | | {yardstick / row_major:.2f} |",
         "",
         f"Codes vs float32 weights: answers equal in {len(times) - dense_mismatches} of {len(times)} edits "
         "(same weights; the sums are rounded in a different order).",

@@ -7,7 +7,7 @@ Multiplies `rows` input rows by every packed weight of the default model once
 token, or a draft check for `rows` tokens), with the packed kernels
 (`polar_core.packed`) and with the float32 weights in the layouts chosen at
 load, interleaved, fastest of 5 rounds. This is what
-sets `packed.MAX_ROWS`: the codes win while the product is bound by reading
+sets each format's `max_rows` (`polar_core.packed.FORMATS`): the codes win while the product is bound by reading
 weights; a prompt pass of many rows is a matrix product, where BLAS wins.
 """
 from __future__ import annotations
@@ -63,14 +63,17 @@ def main(argv=None) -> int:
         "| rows | float32 (ms) | codes (ms) | codes / float32 | LM head float32 (ms) | LM head Q8_0 (ms) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    limit, packed.MAX_ROWS = packed.MAX_ROWS, 1 << 20  # measure the codes beyond the limit too
+    limits = {f.name: f.max_rows for f in packed.FORMATS}
+    for m in modules:
+        m.max_rows = 1 << 20  # measure the codes beyond the limits too
     head = [m for m in modules if m.code_format == "q8_0"]
     for rows in (1, 2, 4, 8, 16, 32):
         codes, head_codes = seconds_per_token(modules, rows), seconds_per_token(head, rows)
         with float32_products(lm.model):
             dense, head_dense = seconds_per_token(modules, rows), seconds_per_token(head, rows)
         codes, head_codes = min(codes, seconds_per_token(modules, rows)), min(head_codes, seconds_per_token(head, rows))
-        note = "" if rows <= limit else f" (above MAX_ROWS = {limit}: float32 is used)"
+        note = "".join(f" (above {name}'s max_rows = {limit}: float32 is used)"
+                       for name, limit in limits.items() if rows == 2 * limit)
         lines.append(f"| {rows} | {dense * 1e3:.1f} | {codes * 1e3:.1f} | {codes / dense:.2f}{note} "
                      f"| {head_dense * 1e3:.1f} | {head_codes * 1e3:.1f} |")
     report = "\n".join(lines) + "\n"

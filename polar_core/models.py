@@ -28,7 +28,7 @@ import torch
 
 from polar_core.adapter import Adapter, get_adapter
 from polar_core.layout import tune_cpu_layouts
-from polar_core.packed import pack_linears
+from polar_core.packed import PackingReport, pack_linears
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -62,7 +62,7 @@ class LoadedModel:
     # How each Linear weight shape is stored on the CPU, as measured at load (see polar_core.layout).
     layouts: dict = field(default_factory=dict, compare=False, hash=False)
     # Which Linear weights multiply with their exact 4-bit codes on the CPU (see polar_core.packed).
-    packing: str = field(default="", compare=False, hash=False)
+    packing: PackingReport | None = field(default=None, compare=False, hash=False)
 
     @property
     def num_layers(self) -> int:
@@ -198,11 +198,11 @@ def _load_cached(spec: str, device: str, dtype: str) -> LoadedModel:
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    layouts, packing = {}, ""
+    layouts, packing = {}, None
     if model.device.type == "cpu":
         layouts = tune_cpu_layouts(model, cache_root() / "cpu_layouts.json")
         if torch_dtype == torch.float32 and os.environ.get("POLAR_PACKED", "1") != "0":
-            packing = str(pack_linears(model, cache_root() / "kernels"))
+            packing = pack_linears(model, cache_root() / "kernels")
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=get_adapter(model),
                        layouts=layouts, packing=packing)
 

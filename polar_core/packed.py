@@ -12,7 +12,7 @@ weight exactly, and multiplies with them directly (`csrc/packed_linear.c`:
 `packed_layout` are the torch reference of the C `q4_pack`.
 
 The model stays the same function with the same weights: the float32
-`weight` is kept (prompt passes of more than MAX_ROWS tokens, the logit lens
+`weight` is kept (prompt passes longer than a format's `max_rows`, the logit lens
 and everything else that reads weights use it), and a packed product differs
 from the float32 one only in the rounding of a different summation order, as
 between two BLAS kernels. The model's own `forward` and the executor share
@@ -24,6 +24,7 @@ without a compiler or on another CPU the weights simply stay float32.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -38,13 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-BLOCK = 32  # inputs per scale and minimum (Q4_1)
-TILE = 32  # outputs per tile of the packed layout (see csrc/q4_linear.c)
-# Products of at most this many rows use the codes; longer prompt passes are
-# matrix-matrix products, where BLAS on float32 catches up (bench/bench_packed.py
-# on a 2-core EPYC, all layer weights once: 1 row 9 vs 36 ms, 16 rows 53 vs
-# 86 ms, 32 rows 101 vs 95 ms).
-MAX_ROWS = 16
+BLOCK = 32  # inputs per scale (and minimum), both formats
+TILE = 32  # outputs per tile of the Q4_1 layout (see csrc/packed_linear.c)
 SOURCE = Path(__file__).parent / "csrc" / "packed_linear.c"
 
 
@@ -147,6 +143,11 @@ class CodeFormat:
     tile: int  # outputs per tile
     code_dtype: torch.dtype
     has_mins: bool
+    # Products of at most this many rows use the codes. The kernels are bound
+    # by arithmetic once a tile is in cache, so each row adds its cost, while
+    # BLAS on float32 reads the weights once for all rows: longer prompt passes
+    # are faster there (bench/results/packed.md).
+    max_rows: int
 
     def buffers(self, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tiles, per_row = out_features // self.tile, self.tile if self.has_mins else 16
@@ -156,7 +157,7 @@ class CodeFormat:
 
 
 # Tried in this order: the cheaper format first.
-FORMATS = (CodeFormat("q4_1", 32, torch.uint8, True), CodeFormat("q8_0", 16, torch.int8, False))
+FORMATS = (CodeFormat("q4_1", 32, torch.uint8, True, max_rows=16), CodeFormat("q8_0", 16, torch.int8, False, max_rows=8))
 
 
 @dataclass(frozen=True)
@@ -220,10 +221,11 @@ class PackedLinear(torch.nn.Linear):
 
     linear_kernels: dict = {}  # format name -> compiled product; per process, set by pack_linears
     code_format: str  # per module: "q4_1" or "q8_0"
+    max_rows: int  # per module: its format's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (not 0 < rows <= MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
+        if (not 0 < rows <= self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features).contiguous()
@@ -261,12 +263,18 @@ def pack_linears(model: torch.nn.Module, cache_dir: Path) -> PackingReport:
         return PackingReport({}, len(linears), why_not)
     # A class attribute, not a module's: deep copies of a model stay possible.
     PackedLinear.linear_kernels = {name: functions[0] for name, functions in kernel.functions.items()}
+    def find(module: torch.nn.Linear):
+        return pack_weight(kernel, module.weight) if module.weight.device.type == "cpu" else None
+
+    # The C packing releases the GIL: one weight per core at a time.
+    with concurrent.futures.ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        found_per_module = list(pool.map(find, linears))
     packed: dict[str, int] = {}
-    for module in linears:
-        found = pack_weight(kernel, module.weight) if module.weight.device.type == "cpu" else None
+    for module, found in zip(linears, found_per_module):
         if found is None:
             continue
         name, tensors = found
+        module.max_rows = next(f.max_rows for f in FORMATS if f.name == name)
         for buffer, tensor in zip(("codes", "scales", "mins"), tensors):
             module.register_buffer(buffer, tensor, persistent=False)
         module.code_format = name

@@ -121,19 +121,26 @@ def test_c_packing_equals_the_torch_reference(kernel_dir):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, packed.MAX_ROWS, packed.MAX_ROWS + 1])
-def test_packed_linear_matches_the_float32_product(kernel_dir, rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 16, 17])
+def test_packed_linear_matches_the_float32_product(kernel_dir, monkeypatch, rows):
     lm = q4_model()
     report = packed.pack_linears(lm.model, kernel_dir)
-    linear = lm.model.model.layers[0].mlp.down_proj
-    assert type(linear) is packed.PackedLinear and report.packed == {"q4_1": 3 * 7, "q8_0": 1}
-    x = torch.randn(1, rows, 128)
-    with torch.inference_mode():
-        y = linear(x)
-        with packed.float32_products(lm.model):
-            expected = linear(x)
-    assert y.shape == (1, rows, 64)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert report.packed == {"q4_1": 3 * 7, "q8_0": 1}
+    calls = []
+    kernels = {name: (lambda f, name=name: lambda *a: calls.append(name) or f(*a))(f)
+               for name, f in packed.PackedLinear.linear_kernels.items()}
+    monkeypatch.setattr(packed.PackedLinear, "linear_kernels", kernels)
+    for linear, code_format in ((lm.model.model.layers[0].mlp.down_proj, "q4_1"), (lm.model.lm_head, "q8_0")):
+        assert type(linear) is packed.PackedLinear and linear.code_format == code_format
+        x = torch.randn(1, rows, linear.in_features)
+        calls.clear()
+        with torch.inference_mode():
+            y = linear(x)
+            with packed.float32_products(lm.model):
+                expected = linear(x)
+        assert calls == ([code_format] if rows <= linear.max_rows else [])  # longer products use float32
+        assert y.shape == (1, rows, linear.out_features)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -143,7 +150,7 @@ def test_packed_model_is_the_same_model(kernel_dir):
     report = packed.pack_linears(lm.model, kernel_dir)
     assert report.kept == 0 and "22 of 22" in str(report) and lm.model.lm_head.code_format == "q8_0"
     assert not any(k.endswith((".codes", ".scales", ".mins")) for k in lm.model.state_dict())
-    for prompt in ([5, 6, 7, 8, 9, 10], list(range(3, 3 + 2 * packed.MAX_ROWS))):  # packed and float32 prompt passes
+    for prompt in ([5, 6, 7, 8, 9, 10], list(range(3, 40))):  # prompt passes with codes, with float32
         batch = pad_left([prompt], pad_id=0, device="cpu")
         identity = resolve_programs(lm, Program.full(lm.num_layers), 1)
         with torch.inference_mode():
