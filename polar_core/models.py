@@ -200,9 +200,10 @@ def _load_cached(spec: str, device: str, dtype: str) -> LoadedModel:
         p.requires_grad_(False)
     layouts, packing = {}, None
     if model.device.type == "cpu":
-        layouts = tune_cpu_layouts(model, cache_root() / "cpu_layouts.json")
+        # Codes first, while every weight is still row-major: packing reads it without a copy.
         if torch_dtype == torch.float32 and os.environ.get("POLAR_PACKED", "1") != "0":
             packing = pack_linears(model, cache_root() / "kernels")
+        layouts = tune_cpu_layouts(model, cache_root() / "cpu_layouts.json")
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=get_adapter(model),
                        layouts=layouts, packing=packing)
 

@@ -47,3 +47,25 @@ def test_default_model_answers_and_a_short_program_changes_it(real_lm):
     broken = generate(real_lm, PROMPTS[:1], Program.early_exit(real_lm.num_layers, 14), max_new_tokens=12)[0]
     assert broken.layers_per_token == 15
     assert broken.token_ids != full.token_ids
+
+
+def test_the_gguf_codes_are_the_same_weights(real_lm):
+    """Where the packed kernels build (CI, the Space), every weight of the
+    embedded model is multiplied as its exact GGUF codes, and answers equal the
+    float32 ones (polar_core.packed)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from polar_core.packed import float32_products
+
+    flags = Path("/proc/cpuinfo").read_text().replace("\n", " ") if Path("/proc/cpuinfo").exists() else ""
+    if " avx2 " not in flags or not shutil.which(os.environ.get("CC", "cc")) or real_lm.packing is None:
+        pytest.skip(f"no AVX2, no C compiler, or not a CPU float32 load: {real_lm.packing}")
+    assert real_lm.packing.packed == {"q4_1": 210, "q8_0": 1} and real_lm.packing.kept == 0
+    programs = [None, Program.parse("0-9, 10-13x2, 14-29", real_lm.num_layers), Program.parse("0-19", real_lm.num_layers)]
+    for program in programs:
+        fast = generate(real_lm, PROMPTS[:1], program, max_new_tokens=16, stop_at_eos=False)[0]
+        with float32_products(real_lm.model):
+            slow = generate(real_lm, PROMPTS[:1], program, max_new_tokens=16, stop_at_eos=False)[0]
+        assert fast.token_ids == slow.token_ids
