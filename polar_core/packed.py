@@ -129,7 +129,8 @@ def _compile(target: Path) -> None:
         cmd = [os.environ.get("CC", "cc"), *_FLAGS, str(SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{cmd[0]} failed")
+            lines = done.stderr.strip().splitlines() or [f"{cmd[0]} failed"]
+            raise OSError(next((line for line in lines if "error" in line), lines[-1]))
         os.replace(tmp, target)  # atomic: a concurrent loader never sees half a library
     finally:
         with contextlib.suppress(OSError):
@@ -139,7 +140,8 @@ def _compile(target: Path) -> None:
 @dataclass(frozen=True)
 class CodeFormat:
     """How one GGUF format's codes are laid out for its kernel (see the C source)."""
-    name: str  # "q4_1" or "q8_0": the C functions are <name[:2]>_linear and <name[:2]>_pack
+    name: str  # the GGUF format: "q4_1" or "q8_0"
+    c_prefix: str  # its C functions are <c_prefix>_linear and <c_prefix>_pack
     tile: int  # outputs per tile
     code_dtype: torch.dtype
     has_mins: bool
@@ -157,7 +159,8 @@ class CodeFormat:
 
 
 # Tried in this order: the cheaper format first.
-FORMATS = (CodeFormat("q4_1", 32, torch.uint8, True, max_rows=16), CodeFormat("q8_0", 16, torch.int8, False, max_rows=8))
+FORMATS = (CodeFormat("q4_1", "q4", 32, torch.uint8, True, max_rows=16),
+           CodeFormat("q8_0", "q8", 16, torch.int8, False, max_rows=8))
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def load_kernel(cache_dir: Path) -> tuple[Kernel | None, str]:
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     functions = {}
     for fmt in FORMATS:
-        linear, pack = getattr(library, f"{fmt.name[:2]}_linear"), getattr(library, f"{fmt.name[:2]}_pack")
+        linear, pack = getattr(library, f"{fmt.c_prefix}_linear"), getattr(library, f"{fmt.c_prefix}_pack")
         linear.argtypes = [pointer, integer, integer, integer, pointer, pointer, pointer, pointer]
         pack.argtypes = [pointer, integer, integer, pointer, pointer, pointer]
         linear.restype = pack.restype = integer
