@@ -564,9 +564,9 @@ def generate(
 # ---------------------------------------------------------------- drafts
 
 # Draft tokens checked in one pass. Most proposals are rejected early, and a
-# pass costs more the more rows it checks: with the packed 4-bit weights on a
-# CPU (polar_core.packed) 8 rows cost ~3 one-row passes, 33 rows ~11. Measured
-# on the app-latency edits: drafts 0.93-0.98x plain decoding with 7, 1.07x with 32.
+# pass costs more the more rows it checks: with the GGUF codes on a
+# CPU (polar_core.packed) 8 rows cost ~4 one-row passes, 33 rows ~12. Measured
+# on the app-latency edits: drafts 0.93-0.99x plain decoding with 7, 1.07x with 32.
 MAX_PROPOSAL = 7
 
 

@@ -289,7 +289,10 @@ def pack_linears(model: torch.nn.Module, cache_dir: Path) -> PackingReport:
 
 @contextlib.contextmanager
 def float32_products(model: torch.nn.Module):
-    """Multiply with the float32 weights inside the block (for side-by-side timings and tests)."""
+    """Multiply with the float32 weights inside the block (for side-by-side timings and tests).
+
+    It switches the shared modules, so every thread using the model sees it:
+    not for a model that is serving requests."""
     switched = [m for m in model.modules() if type(m) is PackedLinear]
     for m in switched:
         m.__class__ = torch.nn.Linear
