@@ -15,7 +15,7 @@ Side by side in the same run, to show what each speed-up buys: each edit's
 answer decoded plainly, one token per pass, beside the app's decoding that
 checks the full program's and the previous edit's answers as drafts (the
 answers must be equal), and beside plain decoding with the float32 weights
-instead of their 4-bit codes (`polar_core.packed`; answers compared); and the
+instead of their GGUF codes (`polar_core.packed`; answers compared); and the
 model's own `generate` as loaded (codes + layouts), with float32 weights in
 the layouts chosen at load, and with float32 weights in PyTorch's default
 row-major order (neither speed-up).

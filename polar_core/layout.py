@@ -78,14 +78,19 @@ def _linear_groups(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Paramete
     return groups
 
 
-def _cpu_name() -> str:
+def cpuinfo_field(name: str) -> str | None:
+    """The first `name` field of /proc/cpuinfo (Linux), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(name) and ":" in line:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_name() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _decision_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:

@@ -61,7 +61,7 @@ class LoadedModel:
     adapter: Adapter
     # How each Linear weight shape is stored on the CPU, as measured at load (see polar_core.layout).
     layouts: dict = field(default_factory=dict, compare=False, hash=False)
-    # Which Linear weights multiply with their exact 4-bit codes on the CPU (see polar_core.packed).
+    # Which Linear weights multiply with their exact GGUF codes on the CPU (see polar_core.packed).
     packing: PackingReport | None = field(default=None, compare=False, hash=False)
 
     @property

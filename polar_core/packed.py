@@ -31,6 +31,7 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from polar_core.layout import cpuinfo_field
 
 BLOCK = 32  # inputs per scale (and minimum), both formats
 TILE = 32  # outputs per tile of the Q4_1 layout (see csrc/packed_linear.c)
@@ -107,18 +110,17 @@ _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 
 
 def _library_path(cache_dir: Path) -> Path:
-    key = "|".join([SOURCE.read_text(), *_FLAGS, os.environ.get("CC", "cc"), platform.machine(), _cpu_flags()])
+    cpu = cpuinfo_field("flags") or platform.processor()
+    key = "|".join([SOURCE.read_text(), *_FLAGS, os.environ.get("CC", "cc"), platform.machine(), cpu])
     return cache_dir / f"packed_linear-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+def kernels_expected() -> bool:
+    """Whether the kernels must build here: a Linux CPU listing AVX2, FMA and
+    F16C, and a C compiler on the PATH. The tests use it so that a broken
+    build fails them instead of hiding behind a skip."""
+    flags = set((cpuinfo_field("flags") or "").split())
+    return {"avx2", "fma", "f16c"} <= flags and shutil.which(os.environ.get("CC", "cc")) is not None
 
 
 def _compile(target: Path) -> None:
@@ -152,9 +154,9 @@ class CodeFormat:
     max_rows: int
 
     def buffers(self, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tiles, per_row = out_features // self.tile, self.tile if self.has_mins else 16
+        tiles = out_features // self.tile
         codes = torch.empty(tiles, in_features, 16, dtype=self.code_dtype)  # 16 bytes per input per tile
-        scales = torch.empty(tiles, in_features // BLOCK, per_row)
+        scales = torch.empty(tiles, in_features // BLOCK, self.tile)
         return codes, scales, torch.empty_like(scales) if self.has_mins else torch.empty(0)
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polar_core.executor import encode_prompts, forward_logits, generate, resolve_programs
+from polar_core.executor import (
+    encode_prompts,
+    forward_logits,
+    generate,
+    resolve_programs,
+)
 from polar_core.program import Program
 
 pytestmark = pytest.mark.real_model
@@ -53,15 +58,10 @@ def test_the_gguf_codes_are_the_same_weights(real_lm):
     """Where the packed kernels build (CI, the Space), every weight of the
     embedded model is multiplied as its exact GGUF codes, and answers equal the
     float32 ones (polar_core.packed)."""
-    import os
-    import shutil
-    from pathlib import Path
+    from polar_core.packed import float32_products, kernels_expected
 
-    from polar_core.packed import float32_products
-
-    flags = Path("/proc/cpuinfo").read_text().replace("\n", " ") if Path("/proc/cpuinfo").exists() else ""
-    if " avx2 " not in flags or not shutil.which(os.environ.get("CC", "cc")) or real_lm.packing is None:
-        pytest.skip(f"no AVX2, no C compiler, or not a CPU float32 load: {real_lm.packing}")
+    if not kernels_expected() or real_lm.packing is None:
+        pytest.skip(f"no AVX2/FMA/F16C or C compiler, or not a CPU float32 load: {real_lm.packing}")
     assert real_lm.packing.packed == {"q4_1": 210, "q8_0": 1} and real_lm.packing.kept == 0
     programs = [None, Program.parse("0-9, 10-13x2, 14-29", real_lm.num_layers), Program.parse("0-19", real_lm.num_layers)]
     for program in programs:

@@ -1,8 +1,7 @@
-"""Weights multiplied as their exact 4-bit codes (polar_core.packed): same weights, same model."""
+"""Weights multiplied as their exact GGUF codes (polar_core.packed): same weights, same model."""
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,8 @@ from polar_core.layout import input_major
 from polar_core.models import from_model
 from polar_core.program import Program
 
-
-def _has_avx2() -> bool:
-    try:
-        return " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ") + " "
-    except OSError:
-        return False
-
-
-# Where the kernel can be built (x86-64 with AVX2 and a C compiler: CI, the Space) it must be.
-needs_kernel = pytest.mark.skipif(not (_has_avx2() and shutil.which("cc")), reason="no AVX2 CPU or C compiler")
+# Where the kernels can be built (x86-64 with AVX2 and a C compiler: CI, the Space) they must be.
+needs_kernel = pytest.mark.skipif(not packed.kernels_expected(), reason="no AVX2/FMA/F16C CPU or C compiler")
 
 
 @pytest.fixture(scope="module")
