@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polar_core.adapter import SLIDING_ATTENTION, Adapter
+from polar_core.adapter import Adapter, Positions
 from polar_core.models import LoadedModel
 from polar_core.program import Program, ProgramError
 
@@ -60,18 +60,15 @@ class StepCache:
 
 
 class _SlotView:
-    """What one step's attention sees as `past_key_values`: its own slot only.
-
-    Implements the one method attention modules call, `update`, and ignores
-    the `layer_idx` they pass (that is the whole point).
-    """
+    """One step's own slot, for the rows of one step group (the adapter's
+    `KVSlot`: what that step's attention writes into and reads back)."""
 
     __slots__ = ("cache", "step", "rows", "batch_size")
 
     def __init__(self, cache: StepCache, step: int, rows: torch.Tensor | None, batch_size: int):
         self.cache, self.step, self.rows, self.batch_size = cache, step, rows, batch_size
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx=None, cache_kwargs=None):
+    def write(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # key, value: (b, H_kv, t, Dh) for the rows of this step group.
         start = self.cache.length
         end = start + key.shape[2]
@@ -115,74 +112,6 @@ def _schedule(paths: Sequence[tuple[int, ...]], device: torch.device) -> list[li
 # ---------------------------------------------------------------- one forward
 
 
-@dataclass
-class Positions:
-    """Masks and rotary embeddings for one forward call, per attention type."""
-
-    position_ids: torch.Tensor  # (B, t)
-    masks: dict[str, torch.Tensor | None]  # type -> (B, 1, t, L) additive, or None (attend to all)
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # type -> (cos, sin), each (B, t, Dh)
-
-
-def _additive_mask(
-    key_mask: torch.Tensor, q_start: int, q_len: int, window: int | None, dtype: torch.dtype
-) -> torch.Tensor:
-    """(B, 1, q_len, L) additive mask: causal, padding, and the sliding window.
-
-    Positions are cache indices, as in transformers, so padding counts in the
-    window exactly as it does there. A large negative value (not -inf) keeps
-    fully padded query rows finite.
-    """
-    length = key_mask.shape[1]
-    device = key_mask.device
-    q = torch.arange(q_start, q_start + q_len, device=device)[:, None]  # (t, 1)
-    k = torch.arange(length, device=device)[None, :]  # (1, L)
-    allowed = (k <= q)[None] & key_mask[:, None, :].bool()  # (B, t, L)
-    if window is not None:
-        allowed &= (k > q - window)[None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def make_positions(adapter: Adapter, hidden: torch.Tensor, key_mask: torch.Tensor, q_start: int) -> Positions:
-    batch, q_len, _ = hidden.shape
-    # Left padding: a row's first real token is position 0, as in `generate`.
-    all_positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    position_ids = all_positions[:, q_start : q_start + q_len]
-    no_padding = bool(key_mask.all())
-    masks = {}
-    for layer_type in set(adapter.layer_types):
-        window = adapter.sliding_window if layer_type == SLIDING_ATTENTION else None
-        length = q_start + q_len
-        if q_len == 1 and no_padding and (window is None or length <= window):
-            masks[layer_type] = None  # one new token may attend to everything cached
-        else:
-            masks[layer_type] = _additive_mask(key_mask, q_start, q_len, window, hidden.dtype)
-    return Positions(position_ids, masks, adapter.position_embeddings(hidden, position_ids))
-
-
-def _take(x, rows):
-    return x if rows is None or x is None else x[rows]
-
-
-def apply_layer(
-    adapter: Adapter, layer: int, hidden: torch.Tensor, pos: Positions, rows=None, cache_view=None
-) -> torch.Tensor:
-    """Run decoder layer `layer` on hidden (b, t, d) for the given rows of the batch."""
-    layer_type = adapter.layer_types[layer]
-    cos, sin = pos.rope[layer_type]
-    out = adapter.layers[layer](
-        hidden,
-        attention_mask=_take(pos.masks[layer_type], rows),
-        position_ids=_take(pos.position_ids, rows),
-        position_embeddings=(_take(cos, rows), _take(sin, rows)),
-        past_key_values=cache_view,
-        use_cache=cache_view is not None,
-    )
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _run_steps(
     adapter: Adapter,
     schedule,
@@ -199,12 +128,12 @@ def _run_steps(
         if len(groups) == 1 and groups[0][1] is None:
             layer, _ = groups[0]
             view = cache.view(k, None, batch) if cache is not None else None
-            hidden = apply_layer(adapter, layer, hidden, pos, None, view)
+            hidden = adapter.run_layer(layer, hidden, pos, None, view)
         else:
             new_hidden = hidden.clone()  # groups read the pre-step state; rows are disjoint
             for layer, rows in groups:
                 view = cache.view(k, rows, batch) if cache is not None else None
-                new_hidden[rows] = apply_layer(adapter, layer, hidden[rows], pos, rows, view)
+                new_hidden[rows] = adapter.run_layer(layer, hidden[rows], pos, rows, view)
             hidden = new_hidden
         if capture == "last":
             snapshots.append(hidden[:, -1].clone())
@@ -332,7 +261,7 @@ def prefill(
     adapter = lm.adapter
     paths = [p.path for p in programs]
     hidden = adapter.embed(batch.input_ids)  # (B, T, d)
-    pos = make_positions(adapter, hidden, batch.attention_mask, 0)
+    pos = adapter.positions(hidden, batch.attention_mask, 0)
     cache = StepCache(cache_capacity) if cache_capacity else None
     first = hidden[:, -1].clone() if capture == "last" else hidden.clone()
     hidden, snapshots = _run_steps(adapter, _schedule(paths, hidden.device), hidden, pos, cache, capture)
@@ -357,7 +286,7 @@ def forward_logits(lm: LoadedModel, batch: EncodedBatch, programs: Sequence[Prog
     """
     adapter = lm.adapter
     hidden = adapter.embed(batch.input_ids)
-    pos = make_positions(adapter, hidden, batch.attention_mask, 0)
+    pos = adapter.positions(hidden, batch.attention_mask, 0)
     hidden, _ = _run_steps(adapter, _schedule([p.path for p in programs], hidden.device), hidden, pos, None, None)
     return adapter.logits(hidden).float()
 
@@ -369,7 +298,7 @@ def _forward_cached(lm: LoadedModel, tokens: torch.Tensor, key_mask: torch.Tenso
     adapter = lm.adapter
     hidden = adapter.embed(tokens)  # (B, t, d)
     first = [hidden.clone()] if capture else []
-    pos = make_positions(adapter, hidden, key_mask, cache.length)
+    pos = adapter.positions(hidden, key_mask, cache.length)
     hidden, snapshots = _run_steps(adapter, _schedule([p.path for p in programs], hidden.device), hidden, pos, cache,
                                    capture)
     return hidden, first + snapshots

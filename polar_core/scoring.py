@@ -25,7 +25,7 @@ an answer the task checker accepts. Two ways to tell:
 
 Prefix sharing: the programs of one batch are put in a trie of their paths.
 Each unique prefix is computed once, over all tokens, level by level; the nodes
-of a level are batched per layer (``apply_layer`` with the rows of their
+of a level are batched per layer (``Adapter.run_layer`` with the rows of their
 targets' masks and rotary tables), across programs *and* across questions.
 """
 from __future__ import annotations
@@ -38,11 +38,9 @@ import torch
 
 from polar_core.executor import (
     _pad_id,
-    apply_layer,
     eos_token_ids,
     forward_logits,
     generate,
-    make_positions,
     pad_left,
     resolve_programs,
 )
@@ -228,7 +226,7 @@ def teacher_forced_scores(
     targets = [t for t, _ in jobs]
     batch = pad_left([t.input_ids for t in targets], _pad_id(lm), lm.device)
     hidden = adapter.embed(batch.input_ids)  # (J, T, d): level 0, one row per root
-    pos = make_positions(adapter, hidden, batch.attention_mask, 0)
+    pos = adapter.positions(hidden, batch.attention_mask, 0)
     trie = _Trie.build([[p.path for p in ps] for _, ps in jobs])
     frontier = list(range(len(jobs)))  # node ids; row r of `hidden` is frontier[r]
     masks: dict[int, torch.Tensor] = {}
@@ -255,7 +253,7 @@ def _next_level(adapter, trie: _Trie, frontier: list[int], hidden: torch.Tensor,
             chunk = entries[lo : lo + max_rows]
             parents = torch.tensor([r for r, _ in chunk], device=device)
             targets = torch.tensor([trie.target[c] for _, c in chunk], device=device)
-            out = apply_layer(adapter, layer, hidden[parents], pos, rows=targets)
+            out = adapter.run_layer(layer, hidden[parents], pos, rows=targets)
             new_hidden[start : start + len(chunk)] = out
             start += len(chunk)
     return new_hidden, children

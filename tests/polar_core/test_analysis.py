@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny import build_tiny
+from tiny import build_tiny, wrap
 
 from polar_core import analysis
 from polar_core.analysis import (
@@ -327,10 +327,8 @@ class _BlankFirstTokenizer:
 
 
 def test_the_lens_looks_past_an_answer_that_opens_with_a_bare_space(llama):
-    from polar_core.models import from_model
-
     first = _trace(llama, None).token_ids[0]
-    lm = from_model(llama.model, _BlankFirstTokenizer(first), name="tiny-llama-blank")
+    lm = wrap(llama.model, _BlankFirstTokenizer(first), name="tiny-llama-blank")
     full = _trace(lm, None, max_new_tokens=4)
     edited = _trace(lm, Program.parse("0-1, 3", 4), max_new_tokens=4)
     result = analyze(lm, edited, full, expected=[first, full.token_ids[1]])

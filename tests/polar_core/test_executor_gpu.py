@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_config
+from tiny import tiny_config, wrap
 
 from polar_core.executor import forward_logits, generate, pad_left, resolve_programs
-from polar_core.models import from_model
 from polar_core.program import Program
 
 pytestmark = [
@@ -24,7 +23,7 @@ def _cuda_tiny(family: str, dtype=torch.float32):
     torch.manual_seed(0)
     impl = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).to("cuda", dtype)
-    return from_model(model)
+    return wrap(model)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "mistral"])

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import wrap
 
 from polar_core import packed
 from polar_core.executor import forward_logits, generate, pad_left, resolve_programs
 from polar_core.layout import input_major
-from polar_core.models import from_model
 from polar_core.program import Program
 
 # Where the kernels can be built (x86-64 with AVX2 and a C compiler: CI, the Space) they must be.
@@ -54,7 +54,7 @@ def q4_model(seed: int = 0):
             if isinstance(module, torch.nn.Linear) and ".layers." in name:
                 module.weight.copy_(q4_grid(module.weight))
         model.lm_head.weight.copy_(q8_grid(model.lm_head.weight))
-    return from_model(model, name="tiny-q4")
+    return wrap(model, name="tiny-q4")
 
 
 def test_codes_give_back_every_weight_bit_for_bit():
