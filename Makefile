@@ -49,12 +49,12 @@ loadtest: $(STAMP)
 
 # The router's whole pipeline as measured in bench/results/router_eval.md (about
 # 75 minutes on 2 CPU cores): search train and test items, train, evaluate.
-SUP := assets/supervision
+SUP := polar_core/assets/supervision
 router-eval: $(STAMP)
 	$(PY) -m polar_core search --split train --per-family 30 --budget 40 --method mcts \
 	    --max-valid 32 --max-invalid 16 --out $(SUP)/smollm2_train.json
 	$(PY) -m polar_core search --split test --per-family 8 --budget 64 --method mcts --out $(SUP)/smollm2_test.json
-	$(PY) -m polar_core train --supervision $(SUP)/smollm2_train.json --out assets/router/smollm2-135m-instruct --epochs 40
+	$(PY) -m polar_core train --supervision $(SUP)/smollm2_train.json --out polar_core/assets/router/smollm2-135m-instruct --epochs 40
 	$(PY) -m polar_core evaluate --split test --per-family 8 --supervision-train $(SUP)/smollm2_train.json \
 	    --supervision-test $(SUP)/smollm2_test.json --ood-family antonyms --fallback --out bench/results/router_eval.md
 

@@ -1,6 +1,6 @@
 """Choose the Learn tab's examples by measurement on the default model.
 
-    python -m app.curate_examples            # writes assets/learn_examples.json
+    python -m app.curate_examples            # writes app/learn_examples.json
 
 Four lessons, each found by running candidates and keeping the first that
 shows it, with the measured facts stored beside the text that explains them:

@@ -8,6 +8,7 @@ turns it into a visible warning and leaves the page as it was.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import json
 import logging
 import math
@@ -663,7 +664,7 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
 
 
 # ------------------------------------------------------------------ learn
-LEARN_FILE = Path(__file__).resolve().parent.parent / "assets" / "learn_examples.json"
+LEARN_FILE = Path(str(importlib.resources.files("app"))) / "learn_examples.json"
 
 
 def learn_examples(path=None) -> list[dict]:

@@ -428,7 +428,7 @@ def _learn_tab():
         buttons = []
         examples = H.learn_examples()
         if not examples:
-            gr.Markdown("_No curated examples found (assets/learn_examples.json)._")
+            gr.Markdown("_No curated examples found (app/learn_examples.json)._")
         for i, ex in enumerate(examples):
             with gr.Group():
                 gr.Markdown(f"#### {i + 1}. {ex['title']}\n{ex['explanation']}\n\n"

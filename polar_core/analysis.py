@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
+from polar_core.assets import asset_path
 from polar_core.models import LoadedModel
 from polar_core.program import Program
 
-REDUNDANCY_DIR = Path(__file__).resolve().parent.parent / "assets" / "redundancy"
+REDUNDANCY_DIR = asset_path("redundancy")
 # Vocabulary columns per matmul when counting ranks: a (rows, 8192) fp32 tile.
 RANK_VOCAB_CHUNK = 8192
 
@@ -618,7 +619,7 @@ def _compact_json(d: dict) -> str:
 
 
 def load_redundancy(model_name: str, path: str | Path | None = None) -> Redundancy | None:
-    """The shipped measurement for a model (assets/redundancy/<name>.json), or None when absent."""
+    """The shipped measurement for a model (polar_core/assets/redundancy/<name>.json), or None when absent."""
     path = Path(path) if path is not None else _redundancy_path(model_name)
     if not path.is_file():
         return None

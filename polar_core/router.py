@@ -42,11 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from polar_core.executor import EncodedBatch, encode_prompts, pad_left, prefill
+from polar_core.assets import asset_path
 from polar_core.models import LoadedModel
 from polar_core.program import OPS, Program, Segment
 from polar_core.supervision import SupervisionSample
 
-ASSET_ROOT = Path(__file__).resolve().parent.parent / "assets" / "router"
+ASSET_ROOT = asset_path("router")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "polar-router/1"
@@ -267,7 +268,7 @@ def check_compatible(config: RouterConfig, lm: LoadedModel) -> None:
 
 
 def default_router_path(model_name: str) -> Path:
-    """Where the shipped router for a model lives: assets/router/<model>/."""
+    """Where the shipped router for a model lives: polar_core/assets/router/<model>/."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "--", model_name).strip(".-") or "model"
     return ASSET_ROOT / safe
 

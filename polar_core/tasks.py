@@ -3,7 +3,7 @@
 Program search needs items whose answers are short and checkable, with a spread
 of difficulty for the default model (some it gets right, some a different
 program may correct). Nothing is downloaded: word families are hand-written
-JSON lists in ``assets/tasks/``; number families are generated from a seed.
+JSON lists in ``polar_core/assets/tasks/``; number families are generated from a seed.
 
 Rules that keep results comparable across runs:
 - An item's id is derived from its content (``capitals/france``,
@@ -31,7 +31,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-TASK_DIR = Path(__file__).resolve().parent.parent / "assets" / "tasks"
+from polar_core.assets import asset_path
+
+TASK_DIR = asset_path("tasks")
 BASELINE_FILE = TASK_DIR / "baseline_accuracy.json"
 
 SPLITS = ("train", "val", "test")
@@ -93,7 +95,7 @@ Row = tuple[str, str, str, tuple[str, ...]]
 
 
 def _list_family(name: str) -> tuple[str, Callable[[], list[Row]]]:
-    """A family read from ``assets/tasks/{name}.json`` (description, template, items)."""
+    """A family read from ``polar_core/assets/tasks/{name}.json`` (description, template, items)."""
 
     def build() -> list[Row]:
         data = _read_json(name)

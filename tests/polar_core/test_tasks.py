@@ -299,7 +299,7 @@ def test_prompt_is_deterministic_and_respects_shots():
 
 # ---------------------------------------------------------------------------
 # Measurement entry point (with a stand-in model; the real run is recorded in
-# assets/tasks/baseline_accuracy.json).
+# polar_core/assets/tasks/baseline_accuracy.json).
 
 
 def test_measure_report_with_fake_generator(monkeypatch):
