@@ -19,17 +19,21 @@ import time
 from pathlib import Path
 
 from app.handlers import LEARN_FILE
-from polar_core import analysis, tasks
-from polar_core.executor import generate
-from polar_core.models import DEFAULT_MODEL, load_model
+from polar_core.engine.generate import Stopping, Trace, generate
+from polar_core.engine.models import DEFAULT_MODEL, load_model
 from polar_core.program import Program
+from polar_core.study import tasks
+from polar_core.study.analysis import analyze
+from polar_core.study.checker import check_answer
+from polar_core.study.find import find_programs
+from polar_core.study.redundancy import load_redundancy, shortgpt_program
 
 SKIP_FAMILIES = ("capitals", "antonyms")
 FIX_FAMILIES = ("add_1digit", "next_number", "word_problems")
 
 
-def _answer(lm, prompt: str, program: Program) -> tuple[str, object]:
-    trace = generate(lm, [prompt], program, max_new_tokens=16, chat=False, stop_strings=("\n",), capture="last")[0]
+def _answer(lm, prompt: str, program: Program) -> tuple[str, Trace]:
+    trace = generate(lm, [prompt], program, max_new_tokens=16, chat=False, capture="last", stopping=Stopping(strings=("\n",)))[0]
     return trace.text.strip(), trace
 
 
@@ -39,18 +43,18 @@ def _right_items(lm, families, n):
     for family in families:
         for item in tasks.sample_items(family, n, "test"):
             text, trace = _answer(lm, tasks.build_prompt(item), full)
-            if tasks.check_answer(text, item):
+            if check_answer(text, item):
                 yield item, text, trace
 
 
 def lesson_skip(lm) -> dict:
     """The most ShortGPT layers that can go with the answer unchanged (n >= 2)."""
-    red = analysis.load_redundancy(lm.name)
+    red = load_redundancy(lm.name)
     best = None
     for item, text, _ in _right_items(lm, SKIP_FAMILIES, 6):
         prompt = tasks.build_prompt(item)
         for n in range(2, 13):
-            program = analysis.shortgpt_program(red, n)
+            program = shortgpt_program(red, n)
             if _answer(lm, prompt, program)[0] != text:
                 break
             if best is None or n > best[0]:
@@ -62,11 +66,11 @@ def lesson_skip(lm) -> dict:
         explanation=(f"Layers {', '.join(map(str, program.skipped_layers()))} change the hidden state least "
                      f"(block influence 1 − cos ≤ {max(bi):.3f}, measured over {red.num_prompts} prompts). "
                      f"Skipping all {n} of them leaves the answer “{text}” unchanged while running "
-                     f"{program.num_steps} of {lm.num_layers} layers. Compare the two answers and the "
+                     f"{program.layer_calls} of {lm.num_layers} layers. Compare the two answers and the "
                      "alignment curve."),
         prompt=tasks.build_prompt(item), expected=item.answer, program=program.format(),
         facts=dict(item=item.id, answer=text, skipped=list(program.skipped_layers()), block_influence=bi,
-                   layers=program.num_steps),
+                   layers=program.layer_calls),
     )
 
 
@@ -75,18 +79,18 @@ def lesson_break(lm) -> dict:
     program = Program.early_exit(lm.num_layers, lm.num_layers - 11)
     for item, text, full_trace in _right_items(lm, ("capitals",), 6):
         broken, trace = _answer(lm, tasks.build_prompt(item), program)
-        if tasks.check_answer(broken, item):
+        if check_answer(broken, item):
             continue
-        track = analysis.analyze(lm, trace, full_trace, expected=item.answer).lens.tracks["expected"]
+        track = analyze(lm, trace, full_trace, expected=item.answer).lens.tracks["expected"]
         best = int(track.rank.min())
         return dict(
             kind="break", title="A program that breaks the answer",
             explanation=(f"The full program answers “{text}”. Stopping after layer {lm.num_layers - 11} "
                          f"(skipping the top ten layers) gives “{broken or '(nothing)'}”. In the logit lens the "
-                         f"answer token “{track.token.strip()}” never gets better than rank {best} in the {program.num_steps} "
+                         f"answer token “{track.token.strip()}” never gets better than rank {best} in the {program.layer_calls} "
                          "steps that remain: the last layers are the ones that turn the hidden state into it."),
             prompt=tasks.build_prompt(item), expected=item.answer, program=program.format(),
-            facts=dict(item=item.id, full_answer=text, broken_answer=broken, layers=program.num_steps,
+            facts=dict(item=item.id, full_answer=text, broken_answer=broken, layers=program.layer_calls,
                        answer_token=track.token, best_rank=best),
         )
     raise RuntimeError("no capitals item broke under early exit")
@@ -94,16 +98,14 @@ def lesson_break(lm) -> dict:
 
 def lesson_fix(lm, budget: int = 80) -> dict:
     """A wrong answer some other program corrects (greedy search, checked by decoding)."""
-    from app.handlers import search_programs
-
     full = Program.full(lm.num_layers)
     for family in FIX_FAMILIES:
         for item in tasks.sample_items(family, 10, "test"):
             prompt = tasks.build_prompt(item)
             wrong, _ = _answer(lm, prompt, full)
-            if tasks.check_answer(wrong, item):
+            if check_answer(wrong, item):
                 continue
-            found = search_programs(lm, prompt, item.answer, "greedy", budget)
+            found = find_programs(lm, prompt, item.answer, method="greedy", budget=budget)
             if not found.programs:
                 continue
             program = found.programs[0]
@@ -117,7 +119,7 @@ def lesson_fix(lm, budget: int = 80) -> dict:
                              "found by search with the answer known; a router has to guess them from the "
                              "question alone, which is much harder."),
                 prompt=prompt, expected=item.answer, program=program.format(),
-                facts=dict(item=item.id, full_answer=wrong, fixed_answer=right, layers=program.num_steps,
+                facts=dict(item=item.id, full_answer=wrong, fixed_answer=right, layers=program.layer_calls,
                            search_budget=budget),
             )
     raise RuntimeError("no wrong item was corrected by search")
@@ -127,7 +129,7 @@ def lesson_emerge(lm) -> dict:
     """The item whose answer token becomes (and stays) the lens' top token earliest."""
     best = None
     for item, text, trace in _right_items(lm, SKIP_FAMILIES, 6):
-        track = analysis.analyze(lm, trace, trace, expected=item.answer).lens.tracks.get("expected")
+        track = analyze(lm, trace, trace, expected=item.answer).lens.tracks.get("expected")
         if track is not None and track.top1_from is not None and (best is None or track.top1_from < best[0].top1_from):
             best = (track, item, text)
     if best is None:

@@ -494,7 +494,7 @@ def alignment_curve(labels: Sequence[str], cos_to_baseline, cos_to_final, *, tit
 def accuracy_vs_depth(points: Sequence[Mapping]) -> go.Figure:
     """Accuracy against average executed layers, one marker per method.
 
-    Each point: {"method", "accuracy" (0-1), "avg_layers", "oracle", "family"}.
+    Each point: {"method", "accuracy" (0-1), "layer_calls", "oracle", "family"}.
     Oracle methods (they need the ground truth, e.g. pass@k) are hollow and
     get "(oracle)" in their legend name; within a family, a dashed grey line
     joins each deployable point to its oracle, showing the gap honestly.
@@ -503,7 +503,7 @@ def accuracy_vs_depth(points: Sequence[Mapping]) -> go.Figure:
     if not points:
         return empty_figure("No evaluation results yet")
     for i, p in enumerate(points):
-        for key in ("method", "accuracy", "avg_layers"):
+        for key in ("method", "accuracy", "layer_calls"):
             if key not in p:
                 raise ValueError(f"points[{i}] lacks {key!r}")
         if not 0.0 <= float(p["accuracy"]) <= 1.0:
@@ -518,7 +518,7 @@ def accuracy_vs_depth(points: Sequence[Mapping]) -> go.Figure:
         for o in (p for p in members if p.get("oracle")):
             for d in (p for p in members if not p.get("oracle")):
                 fig.add_trace(go.Scatter(
-                    x=[float(d["avg_layers"]), float(o["avg_layers"])],
+                    x=[float(d["layer_calls"]), float(o["layer_calls"])],
                     y=[100 * float(d["accuracy"]), 100 * float(o["accuracy"])],
                     mode="lines", line=dict(color=color[fam], dash="dash", width=1),
                     showlegend=False, hoverinfo="skip",
@@ -530,7 +530,7 @@ def accuracy_vs_depth(points: Sequence[Mapping]) -> go.Figure:
             name += " (oracle)"
         c = color[p.get("family") or p["method"]]
         fig.add_trace(go.Scatter(
-            x=[float(p["avg_layers"])], y=[100 * float(p["accuracy"])], name=name,
+            x=[float(p["layer_calls"])], y=[100 * float(p["accuracy"])], name=name,
             mode="markers+text", text=[html.escape(name)], textposition="top center",
             # Open symbols are stroked with marker.color, so hollow = same colour, open symbol.
             marker=dict(size=11, color=c, symbol="circle-open" if oracle else "circle",

@@ -18,19 +18,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+import plotly.graph_objects as go
+
 from app import figures
 from app.session import InputError, Session
-from polar_core.executor import PromptError, generate
-from polar_core.limits import Limits
-from polar_core.models import LoadedModel
+from polar_core.engine.generate import Stopping, Trace, generate
+from polar_core.engine.inputs import PromptError
+from polar_core.engine.models import LoadedModel
+from polar_core.limits import LimitError, Limits
 from polar_core.program import DEFAULT_MAX_STEPS_PER_LAYER, Program, ProgramError
+from polar_core.study import tasks
+from polar_core.study.analysis import Analysis, analyze, decode_tokens
+from polar_core.study.evaluate import evaluate_family as library_evaluate_family
+from polar_core.study.find import find_programs
+from polar_core.study.prompts import PromptStyle, prompt_style, shown_answer
+from polar_core.study.redundancy import gromov_program, shortgpt_program
+from polar_core.study.router import CONFIG_FILE, RouterError, default_router_path, load_router, predict_programs
+from polar_core.study.tasks import FAMILIES
 
 MAX_PROMPT_CHARS = 4000
 MAX_EXPECTED_CHARS = 200
 MAX_PROGRAM_CHARS = 2000
 MAX_NEW_TOKENS = 32  # the app's answers; $POLAR_MAX_NEW_TOKENS may lower it
 MAX_UPLOAD_BYTES = Limits().max_upload_bytes  # default; $POLAR_MAX_UPLOAD_BYTES overrides it
-STOP_PLAIN = ("\n",)  # few-shot "Q: ...\nA:" answers end at a newline
 GRID_HEADERS = ["layer", "run", "times", "op"]
 PROGRAM_JSON_KEYS = {"path", "num_layers", "text", "model", "prompt", "format"}
 ROUTER_ENV = "POLAR_ROUTER_DIR"  # the operator's router checkpoint folder; never a path from the page
@@ -72,12 +83,6 @@ def parse_program(text, num_layers: int) -> Program:
         return Program.parse(text, num_layers, max_steps=Limits.from_env().max_steps(num_layers))
     except ProgramError as exc:
         raise InputError(f"Program: {exc}") from None
-
-
-def is_few_shot(prompt: str) -> bool:
-    """Few-shot "Q: ...\\nA:" prompts run as plain text and stop at a newline;
-    anything else goes through the chat template of an instruct model."""
-    return prompt.rstrip().endswith("A:")
 
 
 # -------------------------------------------------------------- the grid
@@ -156,7 +161,7 @@ class EditorView:
     text: str
     rows: list[list]
     note: str
-    roll: object  # go.Figure
+    roll: go.Figure  # the piano roll
 
 
 def editor_view(program: Program) -> EditorView:
@@ -213,11 +218,7 @@ def preset_program(lm: LoadedModel, preset: str, n=4, a=0, b=0, r=2) -> Program:
 
 def _redundancy_preset(lm: LoadedModel, preset: str, n: int) -> Program:
     """ShortGPT / Gromov programs from the library's redundancy scores."""
-    try:
-        from polar_core import analysis
-        make = analysis.shortgpt_program if preset == "shortgpt" else analysis.gromov_program
-    except (ImportError, AttributeError):
-        raise InputError("Redundancy scores are not available in this build (polar_core.analysis).") from None
+    make = shortgpt_program if preset == "shortgpt" else gromov_program
     try:
         return make(lm, n)
     except (ValueError, FileNotFoundError) as exc:
@@ -236,8 +237,6 @@ class Prediction:
 
 def router_folder(lm: LoadedModel) -> Path | None:
     """$POLAR_ROUTER_DIR when set; else the router shipped for this model, or None when none ships."""
-    from polar_core.router import CONFIG_FILE, default_router_path
-
     override = os.environ.get(ROUTER_ENV, "").strip()
     if override:
         return Path(override).resolve()
@@ -252,8 +251,6 @@ def load_router_for(lm: LoadedModel):
     than raised: the page runs on without a router (presets, search and runs
     need none). The server log gets the full error.
     """
-    from polar_core.router import RouterError, load_router
-
     folder = router_folder(lm)
     if folder is None:
         return None, "none ships for it"
@@ -271,10 +268,8 @@ def predict(lm: LoadedModel, prompt, k: int = 5) -> Prediction:
     router, why = load_router_for(lm)
     if router is None:
         return Prediction([], [], f"No router loaded for this model ({why}): try a preset, or search for programs.")
-    from polar_core.router import predict_programs
-
     ranked = predict_programs(lm, router, prompt, k=k)
-    rows = [[i + 1, p.format(), p.num_steps, round(float(s), 4)] for i, (p, s) in enumerate(ranked)]
+    rows = [[i + 1, p.format(), p.layer_calls, round(float(s), 4)] for i, (p, s) in enumerate(ranked)]
     return Prediction([p for p, _ in ranked], rows,
                       f"Router top-{len(ranked)}: click a row to load it. Top-1 is what a deployment would run.")
 
@@ -301,8 +296,8 @@ class RunView:
     summary: str  # markdown: executed layers, compute saved, timings
     figures: dict = field(default_factory=dict)  # name -> go.Figure
     same_answer: bool = True
-    analysis: object = None  # polar_core.analysis.Analysis
-    trace: object = None  # polar_core.executor.Trace of the edited program
+    analysis: Analysis | None = None
+    trace: Trace | None = None  # of the edited program
 
 
 def marked_spans(lm: LoadedModel, trace, changed: Sequence[tuple[int, int]],
@@ -312,8 +307,6 @@ def marked_spans(lm: LoadedModel, trace, changed: Sequence[tuple[int, int]],
     The stop token ("\n") is among the generated ids but not in the answer
     text, so the tokens are clipped to the length of ``trace.text``.
     """
-    from polar_core.analysis import decode_tokens
-
     marks = [False] * len(trace.token_ids)
     for lo, hi in changed:
         marks[lo:hi] = [True] * (hi - lo)
@@ -336,27 +329,27 @@ class Superseded(Exception):
     """A newer run of the same session started; this one's outputs are stale."""
 
 
-def _text_so_far(lm: LoadedModel, plain: bool, on_text):
+def _text_so_far(lm: LoadedModel, style: PromptStyle, on_text):
     """An executor on_tokens callback passing the answer so far, as the page shows it, to on_text."""
     if on_text is None:
         return None
 
     def on_tokens(rows):
-        text = lm.tokenizer.decode(rows[0], skip_special_tokens=True)
-        on_text(text.split(STOP_PLAIN[0])[0].strip() if plain else text.strip())
+        on_text(shown_answer(lm.tokenizer.decode(rows[0], skip_special_tokens=True), style))
     return on_tokens
 
 
-def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_stop=None, on_text=None):
-    plain = is_few_shot(prompt)
+def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_stop=None, on_text=None) -> Trace:
+    style = prompt_style(lm, prompt)
     limits = Limits.from_env()
+    # The time limit also bounds the work of a request whose client went
+    # away: Gradio cannot interrupt a handler that is already running.
+    stopping = Stopping(strings=style.stop_strings, time_limit_s=limits.request_seconds, should_stop=should_stop)
     try:
-        # The time limit also bounds the work of a request whose client went
-        # away: Gradio cannot interrupt a handler that is already running.
         trace = generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens),
-                         chat=not plain, stop_strings=STOP_PLAIN if plain else (), capture="last",
-                         max_prompt_tokens=limits.max_prompt_tokens, time_limit_s=limits.request_seconds,
-                         drafts=drafts, should_stop=should_stop, on_tokens=_text_so_far(lm, plain, on_text))[0]
+                         stopping=stopping, chat=style.chat, capture="last",
+                         max_prompt_tokens=limits.max_prompt_tokens, drafts=drafts,
+                         on_tokens=_text_so_far(lm, style, on_text))[0]
     except (PromptError, ProgramError) as exc:
         raise InputError(str(exc)) from None
     if trace.finish_reason == "cancelled":
@@ -382,8 +375,6 @@ def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", sh
     cut-short baseline is never remembered. `on_partial(which, text)` gets the
     answers as they grow: which is "full" or "edited".
     """
-    from polar_core.analysis import analyze
-
     def on_text(which: str):
         return None if on_partial is None else functools.partial(on_partial, which)
 
@@ -400,9 +391,9 @@ def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", sh
     result = analyze(lm, trace, base, expected=expected or None, k=5)
     diff = result.answer_diff
     full = Answer(base.text.strip(), marked_spans(lm, base, [(s.a_start, s.a_end) for s in diff.spans], "differs"),
-                  result.baseline_expected_met, base.program.num_steps, base.total_seconds, len(base.token_ids))
+                  result.baseline_expected_met, base.program.layer_calls, base.total_seconds, len(base.token_ids))
     edited = Answer(trace.text.strip(), marked_spans(lm, trace, [(s.b_start, s.b_end) for s in diff.spans]),
-                    result.expected_met, program.num_steps, trace.total_seconds, len(trace.token_ids))
+                    result.expected_met, program.layer_calls, trace.total_seconds, len(trace.token_ids))
     view = RunView(full, edited, run_summary(base, trace), same_answer=diff.identical, analysis=result, trace=trace)
     view.figures = analysis_figures(result)
     return view
@@ -414,7 +405,7 @@ def run_summary(base, trace) -> str:
     saved = 1 - program.compute_fraction
     cost = f"**{saved:.0%} compute saved**" if saved >= 0 else f"**{-saved:.0%} more compute**"
     return (
-        f"Edited program: **{program.num_steps}** layer calls per token of {program.num_layers} "
+        f"Edited program: **{program.layer_calls}** layer calls per token of {program.num_layers} "
         f"({len(program.skipped_layers())} skipped) · {cost} · {_timing(trace)} · "
         f"full program: {_timing(base)}"
     )
@@ -427,14 +418,13 @@ def _timing(trace) -> str:
 
 
 # --------------------------------------------------------------- analysis
-def analysis_figures(a) -> dict:
-    """The analysis figures of one run from its polar_core.analysis.Analysis.
+def analysis_figures(a: Analysis) -> dict:
+    """The analysis figures of one run from its polar_core.study.analysis.Analysis.
 
     The piano roll is not among them: the editor draws it on every edit already.
     """
-    program = a.program
     track = a.lens.tracks.get("expected") or a.lens.tracks.get("answer")
-    # The answer opened with a bare space token: the lens looks one token on (polar_core.analysis.lens_states).
+    # The answer opened with a bare space token: the lens looks one token on (polar_core.study.analysis.lens_states).
     past_space = " (one token into the answer, past its leading space)" if a.lens_offset else ""
     figs = {
         "similarity": figures.similarity_heatmap(a.similarity.numpy(), a.similarity_labels),
@@ -448,10 +438,7 @@ def analysis_figures(a) -> dict:
     if track is None:
         figs["answer_probability"] = figures.empty_figure("No answer token to follow: give an expected answer")
     else:
-        base_track = a.baseline_lens.tracks[track.name]
-        series = {"full program": (a.baseline_labels, base_track.prob.tolist())}
-        if not program.is_full:
-            series["edited program"] = (a.labels, track.prob.tolist())
+        series = a.answer_probability_series(track.name)
         figs["answer_probability"] = figures.answer_probability_curve(series, token=track.token)
         if a.lens_offset or a.baseline_lens_offset:
             figs["answer_probability"].update_layout(
@@ -497,8 +484,10 @@ def program_from_upload(data, num_layers: int) -> Program:
     if not isinstance(data, (bytes, bytearray)):
         raise InputError("Upload a program as a .json file.")
     limits = Limits.from_env()
-    if len(data) > limits.max_upload_bytes:
-        raise InputError(f"The file has {len(data)} bytes; programs are at most {limits.max_upload_bytes // 1024} KB.")
+    try:
+        limits.check_upload(data)
+    except LimitError as exc:
+        raise InputError(f"Program file: {exc}.") from None
     try:
         obj = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -513,8 +502,8 @@ def program_from_upload(data, num_layers: int) -> Program:
     except ProgramError as exc:
         raise InputError(f"Program file: {exc}") from None
     limit = limits.max_steps(num_layers)
-    if program.num_steps > limit:
-        raise InputError(f"Program file: the program has {program.num_steps} steps; the limit is {limit}.")
+    if program.layer_calls > limit:
+        raise InputError(f"Program file: the program has {program.layer_calls} steps; the limit is {limit}.")
     return program
 
 
@@ -528,8 +517,6 @@ FREE_TEXT_EXAMPLES = (
 
 def example_prompts(per_family: int = 2) -> list[tuple[str, str, str]]:
     """(label, prompt, expected) examples: few-shot task items, then free text."""
-    from polar_core import tasks
-
     out = []
     for family in EXAMPLE_FAMILIES:
         for item in tasks.sample_items(family, per_family, "test"):
@@ -549,41 +536,14 @@ def model_status(lm: LoadedModel) -> str:
 
 # ----------------------------------------------------------------- search
 SEARCH_METHODS = ("greedy", "mcts")
-VERIFY_TOP = 12  # shortest valid programs re-checked by real decoding
+SEARCH_COLUMNS = ["#", "program", "layer calls/token", "compute saved", "answer"]
 
 
 @dataclass
 class SearchView:
-    rows: list[list]  # [#, program, layers, compute saved, answer]
+    table: pd.DataFrame  # SEARCH_COLUMNS, shortest program first
     message: str
     programs: list[Program]
-
-
-def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
-    from polar_core.executor import encode_prompts
-
-    try:
-        return encode_prompts(lm, [prompt], chat=not is_few_shot(prompt)).input_ids[0].tolist()
-    except PromptError as exc:
-        raise InputError(str(exc)) from None
-
-
-def _scorer(lm: LoadedModel, prompt: str, prompt_ids: list[int], expected: str):
-    """Teacher forcing for few-shot prompts (fast, shares prefixes); decoding otherwise."""
-    from polar_core import scoring
-    from polar_core.analysis import expected_token_ids
-    from polar_core.executor import eos_token_ids
-    from polar_core.tasks import check_answer
-
-    if is_few_shot(prompt):
-        stops = scoring.line_end_ids(lm.tokenizer) | eos_token_ids(lm)
-        target = scoring.Target(prompt_ids, expected_token_ids(lm, prompt_ids, expected), stops)
-        return scoring.make_scorer(lm, target)
-
-    def decode(programs):
-        traces = scoring.decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=())
-        return [check_answer(t.text, expected) for t in traces]
-    return decode
 
 
 def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", budget=100, progress=None) -> SearchView:
@@ -592,11 +552,6 @@ def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", b
     Args:
         progress: optional callable(fraction, message), e.g. a gr.Progress.
     """
-    from polar_core.limits import LimitError
-    from polar_core.scoring import decode_programs
-    from polar_core.search import make_search
-    from polar_core.tasks import check_answer
-
     prompt, expected = check_prompt(prompt), check_expected(expected)
     if not expected:
         raise InputError("Search needs an expected answer: a program is valid when it produces it.")
@@ -606,61 +561,43 @@ def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", b
         budget = Limits.from_env().check_search_budget(_whole(budget, "Budget", 1, 10**6))
     except LimitError as exc:
         raise InputError(str(exc)) from None
-    ids = _prompt_ids(lm, prompt)
-    scorer = _scorer(lm, prompt, ids, expected)
-    search = make_search(method, lm.num_layers, budget=budget, seed=0)
-    while programs := search.ask():
-        search.tell(programs, scorer(programs))
-        if progress is not None:
-            progress(min(1.0, search.programs_scored / budget), f"{search.programs_scored} programs scored")
-    result = search.result()
-    candidates = result.valid[:VERIFY_TOP]
-    traces = decode_programs(lm, ids, candidates, max_new_tokens=16, stop_strings=STOP_PLAIN if is_few_shot(prompt) else ())
-    found = [(p, t.text.strip()) for p, t in zip(candidates, traces) if check_answer(t.text, expected)]
-    rows = [[i + 1, p.format(), p.num_steps, f"{1 - p.compute_fraction:.0%}", text] for i, (p, text) in enumerate(found)]
-    full = "right" if result.full_valid else "wrong"
-    message = (f"{method} search scored {result.programs_scored} programs in {result.seconds:.1f} s; the full program is "
-               f"**{full}**. {len(found)} valid program(s) shown, shortest first (checked by decoding)"
-               + (": click one to load it into the editor." if found else "."))
-    return SearchView(rows, message, [p for p, _ in found])
+    report = None if progress is None else (lambda done, total: progress(min(1.0, done / total), f"{done} programs scored"))
+    try:
+        found = find_programs(lm, prompt, expected, method=method, budget=budget, progress=report)
+    except PromptError as exc:
+        raise InputError(str(exc)) from None
+    table = pd.DataFrame(
+        [[i + 1, p.format(), p.layer_calls, f"{1 - p.compute_fraction:.0%}", answer]
+         for i, (p, answer) in enumerate(zip(found.programs, found.answers))], columns=SEARCH_COLUMNS)
+    full = "right" if found.full_valid else "wrong"
+    message = (f"{method} search scored {found.programs_scored} programs in {found.seconds:.1f} s; the full program is "
+               f"**{full}**. {len(found.programs)} valid program(s) shown, shortest first (checked by decoding)"
+               + (": click one to load it into the editor." if found.programs else "."))
+    return SearchView(table, message, found.programs)
 
 
 # --------------------------------------------------------------- evaluate
+EVAL_COLUMNS = ["method", "accuracy", "layer calls/token", "oracle", "note"]
+
+
 def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
-    """Router top-1 (when a router is loaded) and baselines over a task family.
+    """Router top-1 (when a router is loaded) and baselines over a task family
+    (polar_core.study.evaluate.evaluate_family).
 
-    Returns (table rows, markdown, accuracy-vs-depth figure). Baselines:
-    the full program, and ShortGPT / Gromov / early exit dropping `drop` layers
-    (the router's average depth when there is a router).
+    Returns (table, markdown, accuracy-vs-depth figure).
     """
-    from polar_core import evaluate as E
-    from polar_core.tasks import FAMILIES, sample_items
-
     if family not in FAMILIES:
         raise InputError(f"Unknown task family {str(family)[:30]!r}; choose one of {', '.join(FAMILIES)}.")
     n_items = _whole(n_items, "Items", 1, 200)
     drop = _whole(drop, "Layers to drop", 0, lm.num_layers - 1)
-    items = sample_items(family, n_items, "test")
-    runner = E.Runner(lm, progress=True)
     router, why_none = load_router_for(lm)
-    title = f"{family}: {len(items)} test items"
-    if router is not None:
-        preds = E.predict_items(lm, router, runner, items, k=5)
-        table = E.evaluate_items(runner, items, [E.RouterUnderTest("Router", preds)], k=5, title=title)
-    else:
-        D = lm.num_layers
-        rows = [E.fixed_program_row(runner, items, Program.full(D), "Full program", "full")]
-        try:
-            statics, source = E.static_programs(lm, drop, [])
-        except (ValueError, FileNotFoundError) as exc:
-            statics, source = {"Early exit": Program.early_exit(D, D - 1 - drop)}, str(exc)
-        for name, program in statics.items():
-            rows.append(E.fixed_program_row(runner, items, program, f"{name} @ {D - drop}", "static", program.format()))
-        table = E.EvalTable(title, tuple(rows), (f"No router loaded ({why_none}): baselines only; {source}.",))
-    data = table.to_dict()["rows"]
-    rows = [[r["method"], f"{r['accuracy']:.1%}", f"{r['avg_layers']:.2f}", "yes" if r["oracle"] else "", r["note"]]
-            for r in data]
-    return rows, table.to_markdown(), figures.accuracy_vs_depth(table.points())
+    table = library_evaluate_family(lm, router, family, n_items=n_items, drop=drop, why_no_router=why_none)
+    df = table.frame()
+    shown = pd.DataFrame({"method": df["method"], "accuracy": df["accuracy"].map("{:.1%}".format),
+                          "layer calls/token": df["layer_calls"].map("{:.2f}".format),
+                          "oracle": df["oracle"].map({True: "yes", False: ""}), "note": df["note"]},
+                         columns=EVAL_COLUMNS)
+    return shown, table.to_markdown(), figures.accuracy_vs_depth(table.points())
 
 
 # ------------------------------------------------------------------ learn

@@ -13,8 +13,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from polar_core.adapter import UnsupportedModelError
-from polar_core.models import DEFAULT_MODEL, LoadedModel, load_model
+from polar_core.engine.adapter import UnsupportedModelError
+from polar_core.engine.generate import Trace
+from polar_core.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 
 MODELS_ENV = "POLAR_MODELS"  # comma-separated allow-list of model specs
 ANY_MODEL_ENV = "POLAR_ALLOW_ANY_MODEL"  # "1": any hub id may be typed in
@@ -81,7 +82,7 @@ class Session:
     last edit's answer on it, a draft for the next edit (edits come in small steps)."""
 
     baseline_key: tuple | None = None
-    baseline: object | None = None  # executor.Trace
+    baseline: Trace | None = None
     last_edit_tokens: list[int] = field(default_factory=list)
 
     def cached_baseline(self, key: tuple):

@@ -22,6 +22,7 @@ import gradio as gr
 from app import handlers as H
 from app.session import RUN_TICKETS, InputError, Session, allowed_models, any_model_allowed, default_model, get_model
 from polar_core.limits import Limits
+from polar_core.study.tasks import FAMILIES
 
 try:  # On a ZeroGPU Space, functions that run the model borrow a GPU per call.
     import spaces
@@ -166,7 +167,7 @@ def on_search(prompt, expected, method, budget, model, progress=gr.Progress()):
     progress(0, desc="searching")
     view = H.search_programs(get_model(model), prompt, expected, method, budget,
                              progress=lambda frac, msg: progress(frac, desc=msg))
-    return view.rows, view.message
+    return view.table, view.message
 
 
 @_guard
@@ -394,24 +395,23 @@ def _search_tab():
                                elem_id="search-budget")
             go_ = gr.Button("Find shorter programs", variant="primary", scale=2, elem_id="search-button")
         message = gr.Markdown()
-        table = gr.Dataframe(headers=["#", "program", "layers", "compute saved", "answer"], type="array",
+        table = gr.Dataframe(headers=H.SEARCH_COLUMNS, type="array",
                              datatype=["number", "str", "number", "str", "str"], interactive=False,
                              max_height=360, elem_id="search-results")
     return method, budget, go_, message, table
 
 
 def _evaluate_tab():
-    from polar_core.tasks import FAMILIES
-
     with gr.Tab("Evaluate", id="evaluate"):
         gr.Markdown("Accuracy against executed layers over a task family. **Top-1** is what a deployed router "
                     "would run; best-of-k needs the answer to choose, so it is an *oracle* (hollow markers).")
         with gr.Row(equal_height=True):
             family = gr.Dropdown(list(FAMILIES), value="capitals", label="Task family", scale=2)
             n_items = gr.Slider(5, 100, value=20, step=5, label="Items (test split)", scale=2, elem_id="eval-items")
-            drop = gr.Slider(0, 20, value=3, step=1, label="Layers dropped by static baselines (no router)", scale=2)
+            drop = gr.Slider(0, 20, value=3, step=1, scale=2,
+                             label="Layers dropped by static baselines (when there is no router, or it keeps every layer)")
             go_ = gr.Button("Evaluate", variant="primary", scale=1, elem_id="evaluate-button")
-        table = gr.Dataframe(headers=["method", "accuracy", "avg layers", "oracle", "note"], type="array",
+        table = gr.Dataframe(headers=H.EVAL_COLUMNS, type="array",
                              interactive=False, wrap=True, elem_id="eval-table")
         plot = gr.Plot(show_label=False, elem_id="eval-plot")
         with gr.Accordion("Markdown report", open=False):

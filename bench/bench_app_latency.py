@@ -6,7 +6,7 @@
 What one edit costs, timed per edit, exactly as the page does it: parse the
 program text, sync the grid and piano roll (`editor_view`), run the edited
 program for up to 32 new tokens with the full program's trace reused from the
-session (`handlers.run`: generation + `polar_core.analysis.analyze` + all
+session (`handlers.run`: generation + `polar_core.study.analysis.analyze` + all
 figures), and serialise every figure to JSON as Gradio does before sending.
 The prompt is a free-text chat prompt so answers run to the 32-token cap
 rather than stopping at a newline. Target: median <= 1.5 s on 2 CPU cores.
@@ -15,7 +15,7 @@ Side by side in the same run, to show what each speed-up buys: each edit's
 answer decoded plainly, one token per pass, beside the app's decoding that
 checks the full program's and the previous edit's answers as drafts (the
 answers must be equal), and beside plain decoding with the float32 weights
-instead of their GGUF codes (`polar_core.packed`; answers compared); and the
+instead of their GGUF codes (`polar_core.engine.cpu.packed`; answers compared); and the
 model's own `generate` as loaded (codes + layouts), with float32 weights in
 the layouts chosen at load, and with float32 weights in PyTorch's default
 row-major order (neither speed-up).
@@ -77,7 +77,7 @@ def time_plain_generation(lm, text: str, *, float32: bool = False) -> tuple[floa
     """The same edit's answer decoded one token per pass, as without drafts
     (with `float32`: multiplying by the float32 weights, not their codes)."""
     from app import handlers as H
-    from polar_core.packed import float32_products
+    from polar_core.engine.cpu.packed import float32_products
 
     with float32_products(lm.model) if float32 else contextlib.nullcontext():
         trace = H._generate(lm, PROMPT, H.parse_program(text, lm.num_layers))
@@ -85,7 +85,7 @@ def time_plain_generation(lm, text: str, *, float32: bool = False) -> tuple[floa
 
 
 def restore_row_major(lm) -> None:
-    """Undo the load-time relayout (polar_core.layout): every weight row-major again."""
+    """Undo the load-time relayout (polar_core.engine.cpu.layout): every weight row-major again."""
     for module in lm.model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.data = module.weight.data.contiguous()
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from app import handlers as H
     from app.session import Session, get_model
-    from polar_core.packed import float32_products
+    from polar_core.engine.cpu.packed import float32_products
 
     lm = get_model(None)
     session = Session()
@@ -169,9 +169,9 @@ def main(argv=None) -> int:
         f"median {statistics.median(tokens):.0f}, min {min(tokens)}, max {max(tokens)}",
         "- per edit: parse + grid/piano roll + generate the edited program + `analyze` + 5 analysis figures + JSON; "
         "the full program's trace is reused from the session, as in the app",
-        "- weight layouts chosen at load by timing (`polar_core.layout`): "
+        "- weight layouts chosen at load by timing (`polar_core.engine.cpu.layout`): "
         + "; ".join(f"{shape}: {choice}" for shape, choice in layouts.items()),
-        f"- weights multiplied as their GGUF codes (`polar_core.packed`): {lm.packing or 'no (not a CPU float32 load)'}",
+        f"- weights multiplied as their GGUF codes (`polar_core.engine.cpu.packed`): {lm.packing or 'no (not a CPU float32 load)'}",
         "",
         "| edits | median (s) | p90 (s) | min (s) | max (s) | target median |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         f"| <= {TARGET_SECONDS} s ({'met' if median <= TARGET_SECONDS else 'NOT met'}) |",
         "",
         "Where the time goes (medians over the edits): generating the edited program's answer "
-        f"{statistics.median(gen):.3f} s (prefill + decoding, `polar_core.executor.generate` with the full and the "
+        f"{statistics.median(gen):.3f} s (prefill + decoding, `polar_core.engine.generate.generate` with the full and the "
         f"previous edit's answers as drafts); everything else (parse, analyze, figures, JSON, grid) {statistics.median(overhead):.3f} s.",
         "",
         "Side by side in this run:",

@@ -23,8 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from polar_core.executor import encode_prompts, generate  # noqa: E402
-from polar_core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from polar_core.engine.generate import Stopping, generate
+from polar_core.engine.inputs import encode_prompts  # noqa: E402
+from polar_core.engine.models import DEFAULT_MODEL, load_model  # noqa: E402
 from polar_core.program import Program  # noqa: E402
 
 # ~70 tokens with the chat template; the answer runs past 64 tokens (no early EOS).
@@ -47,8 +48,8 @@ def _random_default_shaped(device: str):
     """SmolLM2-135M's architecture with random weights, and a 70-token prompt."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from polar_core.executor import pad_left
-    from polar_core.models import from_model
+    from polar_core.engine.inputs import pad_left
+    from polar_core.engine.models import from_model
 
     config = LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -67,7 +68,7 @@ def _random_default_shaped(device: str):
 def _load_time_in_fresh_process() -> float:
     code = (
         "import time, torch; torch.set_num_threads(2);"
-        "from polar_core.models import load_model;"
+        "from polar_core.engine.models import load_model;"
         f"t = time.perf_counter(); load_model({DEFAULT_MODEL!r}, device='cpu');"
         "print(time.perf_counter() - t)"
     )
@@ -112,7 +113,7 @@ def main() -> None:
         return out[0, batch.input_ids.shape[1]:].tolist()
 
     def ours(program, stop_at_eos=True):
-        return lambda: generate(lm, batch, program, max_new_tokens=NEW_TOKENS, stop_at_eos=stop_at_eos)[0].token_ids
+        return lambda: generate(lm, batch, program, max_new_tokens=NEW_TOKENS, stopping=Stopping(at_eos=stop_at_eos))[0].token_ids
 
     variants = {"hf_generate": hf, "identity": ours(full), "half": ours(half, stop_at_eos=False)}
     for fn in variants.values():  # warm-up

@@ -5,9 +5,9 @@
 Multiplies `rows` input rows by every packed weight of the default model once
 (210 Q4_1 layer weights and the Q8_0 LM head: what decoding does for one
 token, or a draft check for `rows` tokens), with the packed kernels
-(`polar_core.packed`) and with the float32 weights in the layouts chosen at
+(`polar_core.engine.cpu.packed`) and with the float32 weights in the layouts chosen at
 load, interleaved, fastest of 5 rounds. This is what
-sets each format's `max_rows` (`polar_core.packed.FORMATS`): the codes win while the product is bound by reading
+sets each format's `max_rows` (`polar_core.engine.cpu.packed.FORMATS`): the codes win while the product is bound by reading
 weights; a prompt pass of many rows is a matrix product, where BLAS wins.
 """
 from __future__ import annotations
@@ -41,9 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from polar_core import packed
-    from polar_core.models import load_model
-    from polar_core.packed import PackedLinear, float32_products
+    from polar_core.engine.cpu import packed
+    from polar_core.engine.cpu.packed import PackedLinear, float32_products
+    from polar_core.engine.models import load_model
 
     lm = load_model()
     modules = [m for m in lm.model.modules() if type(m) is PackedLinear]

@@ -22,19 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from polar_core.executor import encode_prompts, generate  # noqa: E402
-from polar_core.models import load_model  # noqa: E402
+from polar_core.engine.generate import Stopping, generate
+from polar_core.engine.inputs import encode_prompts  # noqa: E402
+from polar_core.engine.models import load_model  # noqa: E402
 from polar_core.program import Program  # noqa: E402
-from polar_core.router import (  # noqa: E402
-    Router,
-    RouterConfig,
-    beam_search,
-    encode,
-    load_default_router,
-    predict_programs,
-    router_features,
-)
-from polar_core.tasks import build_prompt, load_suite  # noqa: E402
+from polar_core.study.router import Router, RouterConfig, beam_search, load_default_router, predict_programs
+from polar_core.study.router.features import encode, router_features
+from polar_core.study.tasks import build_prompt, load_suite  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -90,9 +84,9 @@ def main(argv=None) -> int:
     tokens = len(encode_prompts(lm, [prompt], chat=False).input_ids[0])
 
     full = Program.full(lm.num_layers)
-    generate(lm, [prompt], full, max_new_tokens=32, chat=False, stop_at_eos=False)  # warm-up
+    generate(lm, [prompt], full, max_new_tokens=32, chat=False, stopping=Stopping(at_eos=False))  # warm-up
     gen_ms = _median_ms(
-        lambda: generate(lm, [prompt], full, max_new_tokens=32, chat=False, stop_at_eos=False), args.gen_repeats
+        lambda: generate(lm, [prompt], full, max_new_tokens=32, chat=False, stopping=Stopping(at_eos=False)), args.gen_repeats
     )
     rows = []
     for layer in sorted({0, 1, 2, base.feature_layer}):

@@ -3,7 +3,7 @@
 The program set is what a greedy search asks in its first round: the full
 program and every single skip of a block of k <= 4 consecutive layers (115
 programs on a 30-layer model). The same programs are scored (teacher forcing,
-``polar_core.scoring``) three ways, side by side in one run:
+``polar_core.study.scoring``) three ways, side by side in one run:
 
 - one at a time: ``forward_logits`` per program (no batching, no sharing);
 - shared: one prompt, all programs in one trie, each level batched per layer;
@@ -26,16 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from polar_core.models import load_model  # noqa: E402
+from polar_core.engine.models import load_model  # noqa: E402
 from polar_core.program import Program  # noqa: E402
-from polar_core.scoring import (  # noqa: E402
+from polar_core.study.scoring import (
     count_layer_calls,
     reference_target,
     teacher_forced_scores,
     teacher_forced_scores_unshared,
 )
-from polar_core.search import skip_edits  # noqa: E402
-from polar_core.tasks import FAMILIES, sample_items  # noqa: E402
+from polar_core.study.search import skip_edits  # noqa: E402
+from polar_core.study.tasks import FAMILIES, sample_items  # noqa: E402
 
 
 def _sync(lm):

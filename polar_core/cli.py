@@ -6,9 +6,27 @@ will not load) into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import shlex
 import sys
+import time
+from pathlib import Path
 
-from polar_core.models import DEFAULT_MODEL
+from tqdm import tqdm
+
+from polar_core.engine.generate import Stopping, generate
+from polar_core.engine.models import DEFAULT_MODEL, load_model
+from polar_core.program import Program
+from polar_core.study import tasks
+from polar_core.study.analysis import analyze
+from polar_core.study.evaluate import measure_full_accuracy, run_evaluation
+from polar_core.study.find import search_task_items, summarize
+from polar_core.study.prompts import PromptStyle, prompt_style, shown_answer
+from polar_core.study.redundancy import measure_redundancy, save_redundancy
+from polar_core.study.router import RouterConfig, default_router_path, load_router, save_router, train_router
+from polar_core.study.supervision import SupervisionSample, load_supervision, save_supervision
+from polar_core.study.tables import report_markdown
 
 # Errors a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
@@ -19,29 +37,30 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
 
+def _style(lm, prompt: str, plain: bool) -> PromptStyle:
+    """The library's choice for the prompt (polar_core.study.prompts); --plain forces plain text."""
+    style = prompt_style(lm, prompt)
+    return dataclasses.replace(style, chat=False) if plain else style
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     """Answer a prompt under a program and under the full program, side by side."""
-    from polar_core.executor import generate
-    from polar_core.models import load_model
-    from polar_core.program import Program
-
     lm = load_model(args.model, device=args.device)
     program = Program.parse(args.program, lm.num_layers)
-    full = Program.full(lm.num_layers)
+    style = _style(lm, args.prompt, args.plain)
     # Each program runs alone so that its time is its own.
     traces = {
-        label: generate(lm, [args.prompt], p, max_new_tokens=args.max_new_tokens, chat=not args.plain)[0]
-        for label, p in (("program", program), ("full", full))
+        label: generate(lm, [args.prompt], p, max_new_tokens=args.max_new_tokens, chat=style.chat,
+                        stopping=Stopping(strings=style.stop_strings))[0]
+        for label, p in (("program", program), ("full", Program.full(lm.num_layers)))
     }
     info = lm.describe()
     print(f"model: {info['name']} ({info['family']}, {info['layers']} layers, {info['device']})")
     for label, t in traces.items():
         p = t.program
-        print(
-            f"{label:>7} [{p.format()}]: {p.num_steps} layers/token ({p.compute_fraction:.0%}), "
-            f"{len(t.token_ids)} tokens in {t.total_seconds:.2f}s"
-        )
-        print(f"         answer: {t.text.strip()!r}")
+        print(f"{label:>7} [{p.format()}]: {p.layer_calls} layer calls/token ({p.compute_fraction:.0%}), "
+              f"{len(t.token_ids)} tokens in {t.total_seconds:.2f}s")
+        print(f"         answer: {shown_answer(t.text, style)!r}")
     same = traces["program"].token_ids == traces["full"].token_ids
     print("answers are identical" if same else "answers differ")
     return 0
@@ -49,22 +68,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_lens(args: argparse.Namespace) -> int:
     """Logit lens of a prompt under a program: per step, the top-1 token and the answer token's rank."""
-    from polar_core.analysis import analyze
-    from polar_core.executor import generate
-    from polar_core.models import load_model
-    from polar_core.program import Program
-
     lm = load_model(args.model, device=args.device)
     program = Program.parse(args.program, lm.num_layers)
-    full = Program.full(lm.num_layers)
-    run = dict(max_new_tokens=args.max_new_tokens, chat=not args.plain, capture="last",
-               stop_strings=("\n",) if args.plain else ())
-    base = generate(lm, [args.prompt], full, **run)[0]
+    style = _style(lm, args.prompt, args.plain)
+    run = dict(max_new_tokens=args.max_new_tokens, chat=style.chat, capture="last",
+               stopping=Stopping(strings=style.stop_strings))
+    base = generate(lm, [args.prompt], None, **run)[0]
     trace = base if program.is_full else generate(lm, [args.prompt], program, **run)[0]
     result = analyze(lm, trace, base, expected=args.expected or None, k=args.k)
-    print(f"program [{program.format()}]: {program.num_steps} steps; answer: {trace.text.strip()!r}")
+    print(f"program [{program.format()}]: {program.layer_calls} steps; answer: {shown_answer(trace.text, style)!r}")
     if not program.is_full:
-        print(f"full program answer: {base.text.strip()!r}")
+        print(f"full program answer: {shown_answer(base.text, style)!r}")
+    _print_lens(result, program)
+    return 0
+
+
+def _print_lens(result, program: Program) -> None:
     lens, tracks = result.lens, result.lens.tracks
     if result.lens_offset:
         print("the answer opens with a bare space token: the lens is taken one token on, where its first "
@@ -85,17 +104,10 @@ def _cmd_lens(args: argparse.Namespace) -> int:
         print(f"{name} token {t.token!r}: first top-1 at {first}; top-1 for good from {stays}")
     if result.expected is not None:
         print(f"expected {result.expected!r} met: {result.expected_met} (full program: {result.baseline_expected_met})")
-    return 0
 
 
 def _cmd_redundancy(args: argparse.Namespace) -> int:
     """Measure per-layer block influence and Gromov distances over task prompts; write JSON."""
-    import shlex
-
-    from polar_core import tasks
-    from polar_core.analysis import measure_redundancy, save_redundancy
-    from polar_core.models import load_model
-
     lm = load_model(args.model, device=args.device)
     families = args.families.split(",") if args.families else list(tasks.FAMILIES)
     per_family = -(-args.prompts // len(families))  # ceil: an even spread over families
@@ -104,7 +116,7 @@ def _cmd_redundancy(args: argparse.Namespace) -> int:
     prompts = [tasks.build_prompt(it, shots=args.shots) for it in items]
     meta = {
         "command": "python -m polar_core " + shlex.join(args.argv),
-        "prompt_source": f"polar_core.tasks {args.split} split, few-shot Q/A prompts, no chat template",
+        "prompt_source": f"polar_core.study.tasks {args.split} split, few-shot Q/A prompts, no chat template",
         "shots": args.shots,
         "families": families,
         "item_ids": [it.id for it in items],
@@ -126,26 +138,15 @@ def _cmd_redundancy(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """Train a router on a supervision file and save it (config.json + model.safetensors)."""
-    import dataclasses
-
-    from polar_core.models import load_model
-    from polar_core.router import RouterConfig, train_router
-    from polar_core.supervision import load_supervision
-
     lm = load_model(args.model, device=args.device)
     samples = load_supervision(args.supervision, lm.num_layers)
     if args.exclude_family:
-        from polar_core.tasks import load_suite
-
-        family = {it.question: it.family for it in load_suite()}
+        family = {it.question: it.family for it in tasks.load_suite()}
         samples = [s for s in samples if family.get(s.question) != args.exclude_family]
     config = dataclasses.replace(RouterConfig.for_model(lm), feature_layer=args.feature_layer)
     router = train_router(lm, samples, config, epochs=args.epochs, seed=args.seed, lr=args.lr)
-    out = router.save(args.out)
+    out = save_router(router, args.out)
     losses = router.loss_history
-    import json
-    import shlex
-
     # Provenance beside the checkpoint; load_router reads only config.json and the weights.
     (out / "training.json").write_text(json.dumps({
         "command": f"python -m polar_core {shlex.join(args.argv)}", "supervision": str(args.supervision),
@@ -159,15 +160,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a router on the task suite against the full program, static baselines and search."""
-    import json
-    import shlex
-    from pathlib import Path
-
-    from polar_core.evaluate import report_markdown, run_evaluation
-    from polar_core.models import load_model
-    from polar_core.router import default_router_path, load_router
-    from polar_core.supervision import load_supervision
-
     lm = load_model(args.model, device=args.device)
     router_dir = args.router or default_router_path(lm.name)
     router = load_router(router_dir, lm)
@@ -197,42 +189,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     """Search valid programs for task items (MCTS and/or greedy); save supervision and statistics."""
-    import json
-    import shlex
-    import time
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from polar_core import tasks
-    from polar_core.models import load_model
-    from polar_core.search import search_task_items, summarize
-    from polar_core.supervision import SupervisionSample, save_supervision
-
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     families = args.families or list(tasks.FAMILIES)
     items = [it for f in families for it in tasks.sample_items(f, args.per_family or None, args.split)]
     methods = ["mcts", "greedy"] if args.method == "both" else [args.method]
-    bar = tqdm(total=len(items) * len(methods), desc="search", unit="search")
-
-    def progress(done, total):
-        bar.update(done - bar.n)
-
-    checks = None  # the second stage's bar, made when it starts
-
-    def check_progress(done, total):
-        nonlocal checks
-        if checks is None:
-            bar.close()
-            checks = tqdm(total=total, desc="check by decoding", unit="program")
-        checks.update(done - checks.n)
-
     started = time.perf_counter()
-    records = search_task_items(lm, items, methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
-                                progress=progress, check_progress=check_progress)
-    bar.close()
-    if checks is not None:
-        checks.close()
+    with _TwoStageBars(len(items) * len(methods)) as bars:
+        records = search_task_items(lm, items, methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
+                                    progress=bars.search, check_progress=bars.check)
     seconds = time.perf_counter() - started
     by_id = {it.id: it for it in items}
     samples = [
@@ -243,12 +207,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_supervision(samples, out)
-    stats = summarize(records, lm.num_layers)
     info = lm.describe()
     stats = {"command": "python -m polar_core " + shlex.join(args.argv), "model": info["name"],
              "device": info["device"], "dtype": info["dtype"], "methods": methods, "budget": args.budget,
              "seed": args.seed, "wave": args.wave, "split": args.split, "families": families,
-             "per_family": args.per_family, "seconds": round(seconds, 1), **stats,
+             "per_family": args.per_family, "seconds": round(seconds, 1), **summarize(records, lm.num_layers),
              "item_ids": [r.item_id for r in records]}
     stats_path = Path(args.stats) if args.stats else out.with_suffix(".stats.json")
     stats_path.write_text(json.dumps(stats, indent=1) + "\n")
@@ -257,6 +220,51 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 "tf_valid_decode_agreement", "tf_invalid_decode_agreement", "seconds"):
         print(f"{key:28s} {stats[key]}")
     print(f"wrote {out} and {stats_path}")
+    return 0
+
+
+class _TwoStageBars:
+    """tqdm bars for a search: searches finished, then programs checked by decoding."""
+
+    def __init__(self, searches: int):
+        self.searches = tqdm(total=searches, desc="search", unit="search")
+        self.checks: tqdm | None = None  # made when the second stage starts
+
+    def search(self, done: int, total: int) -> None:
+        self.searches.update(done - self.searches.n)
+
+    def check(self, done: int, total: int) -> None:
+        if self.checks is None:
+            self.searches.close()
+            self.checks = tqdm(total=total, desc="check by decoding", unit="program")
+        self.checks.update(done - self.checks.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.searches.close()
+        if self.checks is not None:
+            self.checks.close()
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    """The full program's greedy accuracy per task family; JSON report."""
+    lm = load_model(args.model, device=args.device)
+    report = measure_full_accuracy(lm, args.families, args.per_family or None, args.split, args.shots,
+                                   args.batch_size)
+    report = {"command": "python -m polar_core " + shlex.join(args.argv), **report}
+    Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    """Items per task family and split."""
+    for family in tasks.FAMILIES:
+        counts = {split: len(tasks.load_suite(family, split)) for split in tasks.SPLITS}
+        print(f"{family:16s} {counts}  {tasks.family_description(family)}")
+    print(f"total {len(tasks.load_suite())}")
     return 0
 
 
@@ -334,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the model's default)")
     _add_model_args(search)
     search.set_defaults(func=_cmd_search)
+
+    base = commands.add_parser("baseline", help="the full program's accuracy per task family (JSON report)")
+    base.add_argument("--per-family", type=int, default=40, help="items per family (0 = all)")
+    base.add_argument("--families", nargs="*", default=list(tasks.FAMILIES), choices=tasks.FAMILIES)
+    base.add_argument("--split", choices=tasks.SPLITS, default=None, help="sample from one split only (default: all)")
+    base.add_argument("--shots", type=int, default=3)
+    base.add_argument("--batch-size", type=int, default=16)
+    base.add_argument("--out", default=str(tasks.BASELINE_FILE))
+    _add_model_args(base)
+    base.set_defaults(func=_cmd_baseline)
+
+    listing = commands.add_parser("tasks", help="items per task family and split")
+    listing.set_defaults(func=_cmd_tasks)
     return parser
 
 

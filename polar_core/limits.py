@@ -67,7 +67,8 @@ class Limits:
     def check_upload(self, data: bytes | str) -> None:
         size = len(data.encode() if isinstance(data, str) else data)
         if size > self.max_upload_bytes:
-            raise LimitError(f"upload is {size} bytes; the limit is {self.max_upload_bytes}")
+            raise LimitError(f"the file has {size} bytes; uploads are at most {self.max_upload_bytes // 1024} KB "
+                             f"({self.max_upload_bytes} bytes)")
 
 
 def _check_count(n, limit: int, what: str) -> int:

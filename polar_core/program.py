@@ -187,7 +187,7 @@ class Segment:
         return self.end - self.start + 1
 
     @property
-    def num_steps(self) -> int:
+    def layer_calls(self) -> int:
         """Number of program steps this segment contributes."""
         return self.length * self.repeats
 
@@ -459,7 +459,7 @@ class Program:
             raise ProgramError(
                 f"segments cover layers 0-{expected - 1}; they must cover 0-{count - 1}"
             )
-        _check_steps(sum(seg.num_steps for seg in pieces), _resolve_max_steps(None, count))
+        _check_steps(sum(seg.layer_calls for seg in pieces), _resolve_max_steps(None, count))
         path = tuple(
             layer for seg in pieces for _ in range(seg.repeats) for layer in range(seg.start, seg.end + 1)
         )
@@ -507,8 +507,8 @@ class Program:
     # -- views ----------------------------------------------------------------
 
     @property
-    def num_steps(self) -> int:
-        """Number of layer calls (steps) the program makes."""
+    def layer_calls(self) -> int:
+        """Layer calls per token: the program's steps (a looped layer counts each time it runs)."""
         return len(self.path)
 
     @property
@@ -518,8 +518,8 @@ class Program:
 
     @property
     def compute_fraction(self) -> float:
-        """Steps relative to the full pass (1.0 = same compute as the model)."""
-        return self.num_steps / self.num_layers
+        """Layer calls per token relative to the full program (1.0 = the model's own compute)."""
+        return self.layer_calls / self.num_layers
 
     def layer_counts(self) -> tuple[int, ...]:
         """How many times each layer 0..D-1 runs."""

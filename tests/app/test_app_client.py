@@ -15,7 +15,7 @@ def client(app_url):
 
 @pytest.fixture(scope="module")
 def capital_prompt():
-    from polar_core import tasks
+    from polar_core.study import tasks
 
     item = tasks.get_item("capitals/russia")
     return tasks.build_prompt(item), item.answer

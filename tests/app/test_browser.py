@@ -73,7 +73,7 @@ def _shot(page, name: str) -> None:
 
 def _enter_item(page, key: str) -> str:
     """Type a task-suite item's prompt and expected answer; returns the answer."""
-    from polar_core import tasks
+    from polar_core.study import tasks
 
     item = tasks.get_item(key)
     page.get_by_role("tab", name="Explore").click()

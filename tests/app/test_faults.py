@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from tiny import build_tiny, tiny_lm_with_chars
+from tiny import build_tiny, rigged_router, tiny_lm_with_chars
 
 from app import handlers as H
 from app.session import MODELS_ENV, InputError, Session, default_model, get_model
-from polar_core.models import DEFAULT_MODEL
-from polar_core.router import RouterConfig, rigged_router
+from polar_core.engine.models import DEFAULT_MODEL
+from polar_core.study.router import RouterConfig, save_router
 
 PROMPT = "Q: What is the capital of France?\nA:"
 
@@ -24,7 +24,7 @@ PROMPT = "Q: What is the capital of France?\nA:"
 def _mismatched_router(folder, lm):
     """A checkpoint made for a deeper model with the same hidden size."""
     config = RouterConfig(model_name="another-model", num_layers=lm.num_layers + 2, feature_size=lm.adapter.hidden_size)
-    rigged_router(config).save(folder)
+    save_router(rigged_router(config), folder)
     return folder
 
 
@@ -52,7 +52,7 @@ def lm():
 
 def test_a_router_set_by_the_operator_is_used(lm, tmp_path, monkeypatch):
     """Control for the fault tests below: a good checkpoint in $POLAR_ROUTER_DIR predicts programs."""
-    rigged_router(RouterConfig.for_model(lm)).save(tmp_path / "router")
+    save_router(rigged_router(RouterConfig.for_model(lm)), tmp_path / "router")
     monkeypatch.setenv(H.ROUTER_ENV, str(tmp_path / "router"))
     pred = H.predict(lm, PROMPT)
     assert pred.programs and pred.programs[0].is_full  # the rigged router keeps every layer
@@ -77,7 +77,7 @@ def test_router_for_another_model_is_reported_and_the_app_runs_without_it(lm, tm
 ])
 def test_corrupted_router_checkpoint_is_reported(lm, tmp_path, monkeypatch, damage, problem):
     folder = tmp_path / "router"
-    rigged_router(RouterConfig.for_model(lm)).save(folder)
+    save_router(rigged_router(RouterConfig.for_model(lm)), folder)
     damage(folder)
     monkeypatch.setenv(H.ROUTER_ENV, str(folder))
     pred = H.predict(lm, PROMPT)

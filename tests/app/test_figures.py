@@ -279,9 +279,9 @@ def test_alignment_curve_rejects_bad_input():
 # --------------------------------------------------------- accuracy_vs_depth
 def test_accuracy_vs_depth_marks_oracles():
     points = [
-        {"method": "full program", "accuracy": 0.42, "avg_layers": 30, "oracle": False, "family": None},
-        {"method": "router top-1", "accuracy": 0.46, "avg_layers": 27.5, "oracle": False, "family": "router"},
-        {"method": "router pass@5", "accuracy": 0.68, "avg_layers": 26.0, "oracle": True, "family": "router"},
+        {"method": "full program", "accuracy": 0.42, "layer_calls": 30, "oracle": False, "family": None},
+        {"method": "router top-1", "accuracy": 0.46, "layer_calls": 27.5, "oracle": False, "family": "router"},
+        {"method": "router pass@5", "accuracy": 0.68, "layer_calls": 26.0, "oracle": True, "family": "router"},
     ]
     fig = F.accuracy_vs_depth(points)
     named = {t.name: t for t in fig.data if t.name}
@@ -298,8 +298,8 @@ def test_accuracy_vs_depth_marks_oracles():
 
 def test_accuracy_vs_depth_rejects_bad_input():
     with pytest.raises(ValueError, match="accuracy"):
-        F.accuracy_vs_depth([{"method": "m", "accuracy": 46.2, "avg_layers": 3}])  # percent, not 0-1
-    with pytest.raises(ValueError, match="avg_layers"):
+        F.accuracy_vs_depth([{"method": "m", "accuracy": 46.2, "layer_calls": 3}])  # percent, not 0-1
+    with pytest.raises(ValueError, match="layer_calls"):
         F.accuracy_vs_depth([{"method": "m", "accuracy": 0.5}])
     assert _is_placeholder(F.accuracy_vs_depth([]), "No evaluation")
 

@@ -10,7 +10,7 @@ from tiny import build_tiny
 
 from app import handlers as H
 from app.session import InputError, Session, check_model_spec
-from polar_core.executor import MAX_PROPOSAL
+from polar_core.engine.drafts import MAX_PROPOSAL, DraftStats
 from polar_core.program import Program
 
 D = 30
@@ -147,7 +147,7 @@ def test_limits_from_the_environment_apply_to_the_page(monkeypatch):
     monkeypatch.setenv("POLAR_MAX_STEPS_PER_LAYER", "1")
     with pytest.raises(InputError, match="the limit is 30"):
         H.parse_program("0-29, 29", D)
-    assert H.parse_program("0-29", D).num_steps == 30
+    assert H.parse_program("0-29", D).layer_calls == 30
     with pytest.raises(InputError, match="at most 0 KB"):
         H.program_from_upload(json.dumps({"path": list(range(D)), "num_layers": D}).encode(), D)
     monkeypatch.setenv("POLAR_MAX_UPLOAD_BYTES", "4096")
@@ -184,7 +184,7 @@ def test_search_checks_its_inputs_before_running():
 # ------------------------------------------------------- the real model
 @pytest.fixture(scope="module")
 def capital():
-    from polar_core import tasks
+    from polar_core.study import tasks
 
     item = tasks.get_item("capitals/russia")
     return tasks.build_prompt(item), item.answer
@@ -221,7 +221,7 @@ def test_the_previous_edit_answer_is_a_draft_for_the_next(real_lm):
     assert again.trace.token_ids == first.trace.token_ids and n > 8
     # The first token comes from the prompt pass; each pass keeps its proposal and adds its own next choice.
     passes = math.ceil((n - 1) / (MAX_PROPOSAL + 1))
-    assert again.trace.extras == {"decode_passes": passes, "draft_tokens_kept": n - 1 - passes}
+    assert again.trace.drafts == DraftStats(decode_passes=passes, draft_tokens_kept=n - 1 - passes)
     H.run(real_lm, session, "Name three colours.", "full")  # a new prompt forgets the old edit
     assert session.last_edit_tokens == []
 
@@ -364,16 +364,19 @@ def test_learn_examples_match_their_measured_facts():
 
 @pytest.mark.real_model
 def test_evaluate_a_family(real_lm):
-    rows, report, fig = H.evaluate_family(real_lm, "capitals", 5, 6)
-    assert rows[0][0] == "Full program" and len(rows) >= 2
-    assert "| Method |" in report
-    assert len([t for t in fig.data if t.mode == "markers+text"]) == len(rows)
+    table, report, fig = H.evaluate_family(real_lm, "capitals", 5, 6)
+    assert table.iloc[0]["method"] == "Full program" and len(table) >= 2
+    assert "| Method" in report
+    assert len([t for t in fig.data if t.mode == "markers+text"]) == len(table)
+    static = table[table["method"].str.contains("@")]
+    # Guards baselines that ran "@ 30" as the full program when the router keeps every layer.
+    assert len(static) == 3 and all(float(x) < real_lm.num_layers for x in static["layer calls/token"])
 
 
 @pytest.mark.real_model
 def test_redundancy_presets_use_the_shipped_measurement(real_lm):
     shortgpt = H.preset_program(real_lm, "shortgpt", n=3)
     gromov = H.preset_program(real_lm, "gromov", n=4)
-    assert shortgpt.num_steps == 27 and len(shortgpt.skipped_layers()) == 3
+    assert shortgpt.layer_calls == 27 and len(shortgpt.skipped_layers()) == 3
     skipped = gromov.skipped_layers()
     assert len(skipped) == 4 and skipped == tuple(range(skipped[0], skipped[0] + 4))  # one block

@@ -33,7 +33,7 @@ def rep(a, b, r):
 def test_full_is_identity():
     p = Program.full(D)
     assert p.path == tuple(range(D))
-    assert p.is_full and p.num_steps == D and p.compute_fraction == 1.0
+    assert p.is_full and p.layer_calls == D and p.compute_fraction == 1.0
     assert p.max_steps == DEFAULT_MAX_STEPS_PER_LAYER * D
     assert p.skipped_layers() == ()
 
@@ -76,10 +76,10 @@ def test_constructor_rejects(path, match):
 
 
 def test_step_limit_is_inclusive_and_configurable():
-    assert Program((0,) * 120, D).num_steps == 120
+    assert Program((0,) * 120, D).layer_calls == 120
     with pytest.raises(ProgramError, match="program has 121 steps; the limit is 120"):
         Program((0,) * 121, D)
-    assert Program((0,) * 121, D, max_steps=121).num_steps == 121
+    assert Program((0,) * 121, D, max_steps=121).layer_calls == 121
     with pytest.raises(ProgramError, match="program has 3 steps; the limit is 2"):
         Program((0, 1, 2), D, max_steps=2)
 
@@ -117,7 +117,7 @@ def test_skip():
     p = Program.skip(D, 10, 13)
     assert p.path == tuple(range(10)) + tuple(range(14, D))
     assert p.skipped_layers() == (10, 11, 12, 13)
-    assert p.num_steps == 26
+    assert p.layer_calls == 26
     assert p.compute_fraction == pytest.approx(26 / 30)
     assert not p.is_full
 
@@ -136,7 +136,7 @@ def test_skip_rejects_bad_blocks(start, end, match):
 def test_loop():
     p = Program.loop(D, 12, 15, 2)
     assert p.path == tuple(range(16)) + (12, 13, 14, 15) + tuple(range(16, D))
-    assert p.num_steps == 34
+    assert p.layer_calls == 34
     assert p.layer_counts() == (1,) * 12 + (2,) * 4 + (1,) * 14
     assert Program.loop(D, 3, 3, 3).path[:6] == (0, 1, 2, 3, 3, 3)
     assert Program.loop(D, 0, 29, 1).is_full
@@ -164,7 +164,7 @@ def test_early_exit():
 def test_drop_layers():
     p = Program.drop_layers(D, [5, 3, 5])
     assert p.skipped_layers() == (3, 5)
-    assert p.num_steps == 28
+    assert p.layer_calls == 28
     assert Program.drop_layers(D, []).is_full
     with pytest.raises(ProgramError, match="layer 40 is out of range"):
         Program.drop_layers(D, [1, 40])
@@ -249,7 +249,7 @@ def test_parse_rejects_non_text():
 
 
 def test_parse_respects_max_steps():
-    assert Program.parse("0-29x5", D, max_steps=150).num_steps == 150
+    assert Program.parse("0-29x5", D, max_steps=150).layer_calls == 150
     with pytest.raises(ProgramError, match="the limit is 10"):
         Program.parse("full", D, max_steps=10)
 
@@ -384,7 +384,7 @@ def test_segment_rejects(args, match):
 def test_segment_skip_default_reads_naturally():
     assert Segment(0, 3, "skip").repeats == 0
     assert Segment(0, 3, "skip") == Segment(0, 3, "skip", 0)
-    assert rep(2, 4, 3).num_steps == 9 and rep(2, 4, 3).length == 3
+    assert rep(2, 4, 3).layer_calls == 9 and rep(2, 4, 3).length == 3
 
 
 # --------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_parse_never_crashes(text, num_layers):
     except ProgramError as err:
         assert str(err)  # every refusal says why
         return
-    assert 1 <= p.num_steps <= p.max_steps
+    assert 1 <= p.layer_calls <= p.max_steps
     assert all(0 <= layer < num_layers for layer in p.path)
 
 

@@ -1,0 +1,305 @@
+"""Weights kept as the codes of the embedded GGUF, so decoding on a CPU reads ~1/5 of the bytes.
+
+The embedded default model ships as a GGUF file: every layer weight is Q4_1
+(per block of 32 inputs, a 4-bit code times a float16 scale plus a float16
+minimum) and the tied embedding / LM head is Q8_0 (an 8-bit code times a
+float16 scale). transformers dequantizes them to float32, and a one-token
+matrix-vector product then streams 4 bytes per weight from memory: that, not
+arithmetic, bounds decoding on a laptop CPU. This module finds the codes
+again in the float32 weights, accepts them only if they give back every
+weight exactly, and multiplies with them directly (`csrc/packed_linear.c`:
+0.75 byte per weight for Q4_1, 1.125 for Q8_0). `find_q4_codes` and
+`packed_layout` are the torch reference of the C `q4_pack`.
+
+The model stays the same function with the same weights: the float32
+`weight` is kept (prompt passes longer than a format's `max_rows`, the logit lens
+and everything else that reads weights use it), and a packed product differs
+from the float32 one only in the rounding of a different summation order, as
+between two BLAS kernels. The model's own `forward` and the executor share
+the modules, so the identity program still equals the unmodified model.
+
+The kernels are C compiled at the first load with the system compiler
+(`$CC`, default `cc`) for this CPU (x86-64 with AVX2, FMA, F16C) and cached;
+without a compiler or on another CPU the weights simply stay float32.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from polar_core.engine.cpu.layout import cpuinfo_field
+
+BLOCK = 32  # inputs per scale (and minimum), both formats
+TILE = 32  # outputs per tile of the Q4_1 layout (see csrc/packed_linear.c)
+SOURCE = Path(__file__).parent / "csrc" / "packed_linear.c"
+
+
+@dataclass(frozen=True)
+class Q4Codes:
+    """A weight (out, in) as W[n, k] = scales[n, k // 32] * codes[n, k] + mins[n, k // 32]."""
+    codes: torch.Tensor  # (out, in) uint8, 0..15
+    scales: torch.Tensor  # (out, in // 32) float32
+    mins: torch.Tensor  # (out, in // 32) float32
+
+    def weight(self) -> torch.Tensor:
+        """The float32 weight the codes stand for."""
+        expand = lambda t: t.repeat_interleave(BLOCK, dim=1)  # noqa: E731
+        return expand(self.scales) * self.codes.float() + expand(self.mins)
+
+
+@torch.no_grad()
+def find_q4_codes(weight: torch.Tensor) -> Q4Codes | None:
+    """The 4-bit codes that give back `weight` exactly, or None when there are none.
+
+    Q4_1 stores per block of 32 a float16 scale d and minimum m with
+    d = (max - min) / 15, so the block minimum is m and the codes are
+    round((w - m) / d). The result is accepted only if d * q + m equals every
+    weight exactly, without rounding (checked with the error term of the sum),
+    so the packed kernel multiplies by the very same numbers.
+    """
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK or weight.shape[0] % TILE:
+        return None
+    out_features, in_features = weight.shape
+    blocks = weight.contiguous().view(out_features, in_features // BLOCK, BLOCK)
+    low, high = blocks.aminmax(dim=-1)
+    scales = ((high - low) / 15).half().float()
+    if not torch.equal(low.half().float(), low) or not torch.isfinite(scales).all():
+        return None
+    step = torch.where(scales > 0, scales, 1.0)[..., None]
+    codes = ((blocks - low[..., None]) / step).round_().clamp_(0, 15)
+    scaled = codes * scales[..., None]  # exact: a 4-bit code times an 11-bit scale
+    total = scaled + low[..., None]
+    if not torch.equal(total, blocks):
+        return None
+    # The error term of total = scaled + low (Knuth's two-sum) is zero only if the sum was exact.
+    back = total - scaled
+    if ((scaled - (total - back)) + (low[..., None] - back)).any():
+        return None
+    return Q4Codes(codes.to(torch.uint8).view(out_features, in_features), scales, low)
+
+
+def packed_layout(q: Q4Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scales and minimums in the tiled order the kernel reads (see the C source)."""
+    out_features, in_features = q.codes.shape
+    tiles = out_features // TILE
+    halves = q.codes.view(tiles, 2, TILE // 2, in_features).permute(0, 3, 1, 2)  # (tile, in, half, 16)
+    codes = (halves[:, :, 0, :] | (halves[:, :, 1, :] << 4)).contiguous()  # (tile, in, 16)
+
+    def per_tile(t: torch.Tensor) -> torch.Tensor:
+        return t.view(tiles, TILE, in_features // BLOCK).transpose(1, 2).contiguous()  # (tile, block, 32)
+
+    return codes, per_tile(q.scales), per_tile(q.mins)
+
+
+# -- the compiled kernel ------------------------------------------------------------
+
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+
+def _library_path(cache_dir: Path) -> Path:
+    cpu = cpuinfo_field("flags") or platform.processor()
+    key = "|".join([SOURCE.read_text(), *_FLAGS, os.environ.get("CC", "cc"), platform.machine(), cpu])
+    return cache_dir / f"packed_linear-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def kernels_expected() -> bool:
+    """Whether the kernels must build here: a Linux CPU listing AVX2, FMA and
+    F16C, and a C compiler on the PATH. The tests use it so that a broken
+    build fails them instead of hiding behind a skip."""
+    flags = set((cpuinfo_field("flags") or "").split())
+    return {"avx2", "fma", "f16c"} <= flags and shutil.which(os.environ.get("CC", "cc")) is not None
+
+
+def _compile(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [os.environ.get("CC", "cc"), *_FLAGS, str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"{cmd[0]} failed"]
+            raise OSError(next((line for line in lines if "error" in line), lines[-1]))
+        os.replace(tmp, target)  # atomic: a concurrent loader never sees half a library
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+@dataclass(frozen=True)
+class CodeFormat:
+    """How one GGUF format's codes are laid out for its kernel (see the C source)."""
+    name: str  # the GGUF format: "q4_1" or "q8_0"
+    c_prefix: str  # its C functions are <c_prefix>_linear and <c_prefix>_pack
+    tile: int  # outputs per tile
+    code_dtype: torch.dtype
+    has_mins: bool
+    # Products of at most this many rows use the codes. The kernels are bound
+    # by arithmetic once a tile is in cache, so each row adds its cost, while
+    # BLAS on float32 reads the weights once for all rows: longer prompt passes
+    # are faster there (bench/results/packed.md).
+    max_rows: int
+
+    def buffers(self, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tiles = out_features // self.tile
+        codes = torch.empty(tiles, in_features, 16, dtype=self.code_dtype)  # 16 bytes per input per tile
+        scales = torch.empty(tiles, in_features // BLOCK, self.tile)
+        return codes, scales, torch.empty_like(scales) if self.has_mins else torch.empty(0)
+
+
+# Tried in this order: the cheaper format first.
+FORMATS = (CodeFormat("q4_1", "q4", 32, torch.uint8, True, max_rows=16),
+           CodeFormat("q8_0", "q8", 16, torch.int8, False, max_rows=8))
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The compiled functions per format name: (linear, pack)."""
+    functions: dict
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernel(cache_dir: Path) -> tuple[Kernel | None, str]:
+    """(the compiled kernels or None, why not) for this CPU."""
+    path = _library_path(cache_dir)
+    try:
+        if not path.is_file():
+            _compile(path)
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"no packed kernel ({err}); float32 weights"
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    functions = {}
+    for fmt in FORMATS:
+        linear, pack = getattr(library, f"{fmt.c_prefix}_linear"), getattr(library, f"{fmt.c_prefix}_pack")
+        linear.argtypes = [pointer, integer, integer, integer, pointer, pointer, pointer, pointer]
+        pack.argtypes = [pointer, integer, integer, pointer, pointer, pointer]
+        linear.restype = pack.restype = integer
+        functions[fmt.name] = (linear, pack)
+    return Kernel(functions), ""
+
+
+def pack_weight(kernel: Kernel, weight: torch.Tensor) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+    """(format name, (codes, scales, mins)) for `weight`, or None when it is no format's exact codes.
+
+    One pass in C per format tried (~0.4 s for the default model's 211
+    weights, against ~2.6 s for the 210 Q4_1 ones with `find_q4_codes` +
+    `packed_layout` in torch, which give the same bytes).
+    """
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK:
+        return None
+    out_features, in_features = weight.shape
+    w = weight.contiguous()
+    for fmt in FORMATS:
+        if out_features % fmt.tile:
+            continue
+        tensors = fmt.buffers(out_features, in_features)
+        pack = kernel.functions[fmt.name][1]
+        if pack(w.data_ptr(), out_features, in_features, *(t.data_ptr() for t in tensors)):
+            return fmt.name, tensors
+    return None
+
+
+# -- the module ---------------------------------------------------------------------
+
+
+class PackedLinear(torch.nn.Linear):
+    """A Linear that multiplies a few rows with its weight's codes.
+
+    Made by `pack_linears` from a plain Linear (its class is switched in
+    place, so parameter names, the float32 weight and hooks stay); products
+    of more rows, other dtypes or devices, and autograd use the weight.
+    """
+
+    linear_kernels: dict = {}  # format name -> compiled product; per process, set by pack_linears
+    code_format: str  # per module: "q4_1" or "q8_0"
+    max_rows: int  # per module: its format's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (not 0 < rows <= self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and x.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features).contiguous()
+        y = torch.empty(rows, self.out_features)
+        failed = self.linear_kernels[self.code_format](
+            flat.data_ptr(), rows, self.in_features, self.out_features, self.codes.data_ptr(),
+            self.scales.data_ptr(), self.mins.data_ptr(), y.data_ptr())
+        if failed:
+            raise MemoryError("packed product: out of memory")
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+@dataclass(frozen=True)
+class PackingReport:
+    packed: dict  # format name -> Linear modules now multiplying with its codes
+    kept: int  # Linear modules left float32 (no exact codes)
+    note: str = ""  # why nothing was packed, when nothing was
+
+    def __str__(self) -> str:
+        if self.note:
+            return self.note
+        total = sum(self.packed.values())
+        formats = ", ".join(f"{n} {name.upper()}" for name, n in self.packed.items())
+        return f"{total} of {total + self.kept} Linear weights as exact codes ({formats})"
+
+
+@torch.no_grad()
+def pack_linears(model: torch.nn.Module, cache_dir: Path) -> PackingReport:
+    """Give every CPU float32 Linear whose weight is exactly Q4_1 or Q8_0 codes the packed kernel."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    kernel, why_not = load_kernel(cache_dir)
+    if kernel is None:
+        return PackingReport({}, len(linears), why_not)
+    # A class attribute, not a module's: deep copies of a model stay possible.
+    PackedLinear.linear_kernels = {name: functions[0] for name, functions in kernel.functions.items()}
+    def find(module: torch.nn.Linear):
+        return pack_weight(kernel, module.weight) if module.weight.device.type == "cpu" else None
+
+    # The C packing releases the GIL: one weight per core at a time.
+    with concurrent.futures.ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        found_per_module = list(pool.map(find, linears))
+    packed: dict[str, int] = {}
+    for module, found in zip(linears, found_per_module):
+        if found is None:
+            continue
+        name, tensors = found
+        module.max_rows = next(f.max_rows for f in FORMATS if f.name == name)
+        for buffer, tensor in zip(("codes", "scales", "mins"), tensors):
+            module.register_buffer(buffer, tensor, persistent=False)
+        module.code_format = name
+        module.__class__ = PackedLinear
+        packed[name] = packed.get(name, 0) + 1
+    kept = len(linears) - sum(packed.values())
+    return PackingReport(packed, kept, "" if packed else "no Linear weight is exact codes; float32 weights")
+
+
+@contextlib.contextmanager
+def float32_products(model: torch.nn.Module):
+    """Multiply with the float32 weights inside the block (for side-by-side timings and tests).
+
+    It switches the shared modules, so every thread using the model sees it:
+    not for a model that is serving requests."""
+    switched = [m for m in model.modules() if type(m) is PackedLinear]
+    for m in switched:
+        m.__class__ = torch.nn.Linear
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.__class__ = PackedLinear

@@ -1,0 +1,44 @@
+"""How a prompt is run: as few-shot text, or as a turn of the chat template.
+
+The task suite's prompts are few-shot blocks ending in "Q: ...\\nA:": they run
+as plain text and the answer ends at the first newline. Anything else is a
+question for an instruct model: it goes through the chat template (when the
+tokenizer has one) and the answer runs until end-of-sequence. The explorer,
+the CLI and the prompt search all decide it here, the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from polar_core.engine.models import LoadedModel
+from polar_core.study.tasks import STOP_TEXT
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How to encode a prompt and where its answer ends."""
+
+    few_shot: bool
+    chat: bool  # through the chat template
+    stop_strings: tuple[str, ...]  # the answer is cut before the first of these
+
+
+def is_few_shot(prompt: str) -> bool:
+    """A few-shot prompt ends in "A:" (the task suite's "Q: ...\\nA:" form)."""
+    return prompt.rstrip().endswith("A:")
+
+
+def prompt_style(lm: LoadedModel, prompt: str) -> PromptStyle:
+    """Few-shot prompts: plain text, the answer ends at a newline. Other
+    prompts: the chat template when the tokenizer has one, else plain text."""
+    if is_few_shot(prompt):
+        return PromptStyle(few_shot=True, chat=False, stop_strings=(STOP_TEXT,))
+    has_template = bool(getattr(lm.tokenizer, "chat_template", None))
+    return PromptStyle(few_shot=False, chat=has_template, stop_strings=())
+
+
+def shown_answer(text: str, style: PromptStyle) -> str:
+    """The answer as a person reads it: cut at the style's stop string, stripped."""
+    for stop in style.stop_strings:
+        text = text.split(stop, 1)[0]
+    return text.strip()

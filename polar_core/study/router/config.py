@@ -1,0 +1,88 @@
+"""The router's configuration: everything needed to rebuild one, saved as config.json."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from polar_core.engine.models import LoadedModel
+
+FORMAT = "polar-router/1"
+REPEATS = {"skip": 0, "keep": 1, "repeat": 2}  # "repeat" = the segment runs twice
+
+
+class RouterError(ValueError):
+    """A router config or checkpoint that cannot be used (message says why)."""
+
+
+# --------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything needed to rebuild a router; saved as config.json.
+
+    Args:
+        model_name: the base model the router was trained for.
+        num_layers: its depth D (one query per layer).
+        feature_size: its hidden size F (the width of the frozen features).
+        feature_layer: 0 = token embeddings; k = hidden state after layers 0..k-1.
+        max_tokens: the router reads the last max_tokens tokens of a prompt.
+        chat: whether prompts go through the chat template (the task suite's
+            few-shot prompts do not).
+    """
+
+    model_name: str
+    num_layers: int
+    feature_size: int
+    feature_layer: int = 0
+    d_model: int = 256
+    num_heads: int = 4
+    num_blocks: int = 2
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    max_tokens: int = 128
+    max_segment: int = 4
+    beam_width: int = 5
+    full_path_weight: float = 0.3
+    chat: bool = False
+
+    def __post_init__(self) -> None:
+        ints = ("num_layers", "feature_size", "d_model", "num_heads", "num_blocks", "mlp_ratio", "max_tokens",
+                "max_segment", "beam_width")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RouterError(f"router config: {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise RouterError("router config: model_name must be a non-empty string")
+        if isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int):
+            raise RouterError(f"router config: feature_layer must be an integer, got {self.feature_layer!r}")
+        if not 0 <= self.feature_layer < self.num_layers:
+            raise RouterError(f"router config: feature_layer must be in 0..{self.num_layers - 1}, got {self.feature_layer}")
+        if self.d_model % self.num_heads:
+            raise RouterError(f"router config: d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.full_path_weight <= 1.0:
+            raise RouterError("router config: dropout must be in [0, 1) and full_path_weight in [0, 1]")
+
+    @classmethod
+    def for_model(cls, lm: LoadedModel, **overrides) -> RouterConfig:
+        """The default config for a loaded model."""
+        return cls(model_name=lm.name, num_layers=lm.num_layers, feature_size=lm.adapter.hidden_size, **overrides)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RouterConfig:
+        if not isinstance(data, dict):
+            raise RouterError(f"router config must be a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise RouterError(f"router config has format {data.get('format')!r}; expected {FORMAT!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"format"})
+        if unknown:
+            raise RouterError(f"router config has unknown keys: {', '.join(unknown)}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:  # a required key is missing
+            raise RouterError(f"router config is incomplete: {err}") from None

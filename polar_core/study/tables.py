@@ -1,0 +1,125 @@
+"""Evaluation results as tables: data first (a pandas DataFrame), rendered as
+markdown, JSON records or a page table from the same frame.
+
+Honesty is checked whenever a table is built or rendered: an oracle row
+(one that needs the ground truth to pick, e.g. a router's best-of-k) must
+say so in its label and must come right after the deployable top-1 row of
+the same router (``check_honest``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+ORACLE_TAG = "(oracle)"
+COLUMNS = ("method", "group", "n", "correct", "accuracy", "layer_calls", "compute_fraction", "oracle",
+           "best_of_k_of", "note")
+
+
+class HonestyError(ValueError):
+    """A result that would show an oracle figure without its deployable twin."""
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method's result on a set of items."""
+
+    method: str
+    group: str  # rows of one router share a group (its top-1 and its best-of-k)
+    n: int
+    correct: int
+    total_layer_calls: int  # layer calls per token, summed over the items
+    num_layers: int  # the model's depth D
+    oracle: bool = False
+    best_of_k_of: str | None = None  # for a best-of-k row: the label of its top-1 row
+    note: str = ""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def layer_calls(self) -> float:
+        """Layer calls per token, mean over the items."""
+        return self.total_layer_calls / self.n if self.n else 0.0
+
+    @property
+    def compute_fraction(self) -> float:
+        """Mean layer calls per token relative to the full program."""
+        return self.layer_calls / self.num_layers
+
+
+def check_honest(rows: Sequence[MethodRow]) -> None:
+    """Raise HonestyError unless every oracle row says so and every best-of-k
+    row comes right after the deployable top-1 row of the same router."""
+    for i, row in enumerate(rows):
+        if row.oracle and ORACLE_TAG not in row.method:
+            raise HonestyError(f"oracle row {row.method!r} must say {ORACLE_TAG} in its label")
+        if row.best_of_k_of is None:
+            continue
+        if not row.oracle:
+            raise HonestyError(f"best-of-k row {row.method!r} needs the ground truth: mark it oracle")
+        above = rows[i - 1] if i > 0 else None
+        if above is None or above.method != row.best_of_k_of or above.oracle or above.n != row.n:
+            raise HonestyError(
+                f"best-of-k row {row.method!r} must come right after its top-1 row {row.best_of_k_of!r} "
+                "on the same items: never report best-of-k without top-1"
+            )
+
+
+@dataclass(frozen=True)
+class EvalTable:
+    """Rows of one evaluation, checked for honesty when built."""
+
+    title: str
+    rows: tuple[MethodRow, ...]
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", tuple(self.rows))
+        object.__setattr__(self, "notes", tuple(self.notes))
+        check_honest(self.rows)
+
+    def row(self, method: str) -> MethodRow:
+        for r in self.rows:
+            if r.method == method:
+                return r
+        raise KeyError(method)
+
+    def frame(self) -> pd.DataFrame:
+        """One row per method, the columns of COLUMNS."""
+        check_honest(self.rows)
+        return pd.DataFrame([{c: getattr(r, c) for c in COLUMNS} for r in self.rows], columns=list(COLUMNS))
+
+    def to_markdown(self) -> str:
+        df = self.frame()
+        deployable = (df["group"] == "router") & ~df["oracle"]
+        shown = pd.DataFrame({
+            "Method": [f"**{m}**" if bold else m for m, bold in zip(df["method"], deployable)],
+            "Accuracy (top-1)": df["accuracy"].map("{:.1%}".format),
+            "Correct / n": [f"{c} / {n}" for c, n in zip(df["correct"], df["n"])],
+            "Layer calls / token": df["layer_calls"].map("{:.2f}".format),
+            "% of full compute": df["compute_fraction"].map("{:.1%}".format),
+            "Note": df["note"],
+        })
+        lines = [f"### {self.title}", "", shown.to_markdown(index=False, colalign=("left",) + ("right",) * 4 + ("left",))]
+        lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "notes": list(self.notes), "rows": self.frame().to_dict("records")}
+
+    def points(self) -> list[dict]:
+        """Plot data for ``app.figures.accuracy_vs_depth`` (one point per row)."""
+        df = self.frame()
+        return [{"method": r.method, "accuracy": r.accuracy, "layer_calls": r.layer_calls, "oracle": r.oracle,
+                 "family": r.group} for r in df.itertuples()]
+
+
+def report_markdown(tables: Sequence[EvalTable], header: str = "") -> str:
+    """The tables as one markdown document."""
+    parts = [header.rstrip() + "\n"] if header else []
+    parts += [t.to_markdown() for t in tables]
+    return "\n".join(parts)
