@@ -154,11 +154,12 @@ def _search_method(lm: LoadedModel, method: str, targets: Sequence[Target], seen
 def _verify(lm: LoadedModel, items, answers, right, seen: list[_Seen], shots: int, recheck_invalid: int, seed: int,
             check_progress) -> list[ItemRecord]:
     """Decode every teacher-forced valid program (and a sample of invalid ones) to keep only the truly valid."""
-    rng = random.Random(seed)
     shortest_first = lambda p: (len(p), p)  # noqa: E731
     tf_valid = [sorted((p for p in s.order if s.verdicts[p]), key=shortest_first) for s in seen]
     tf_invalid = [sorted((p for p in s.order if not s.verdicts[p]), key=shortest_first) for s in seen]
-    recheck = [rng.sample(bad, min(recheck_invalid, len(bad))) for bad in tf_invalid]
+    # One generator per item: an item's sample does not depend on the items searched with it.
+    recheck = [random.Random(f"{seed}/{item.id}").sample(bad, min(recheck_invalid, len(bad)))
+               for item, bad in zip(items, tf_invalid)]
     depth = lm.num_layers
     pairs = [(i, p) for i in range(len(items)) for p in (*tf_valid[i], *recheck[i])]
     verdicts = decode_many(lm, [(items[i], Program(p, depth)) for i, p in pairs], shots=shots, progress=check_progress)
