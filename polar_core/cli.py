@@ -51,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     style = _style(lm, args.prompt, args.plain)
     # Each program runs alone so that its time is its own.
     traces = {
-        label: generate(lm, [args.prompt], p, max_new_tokens=args.max_new_tokens, chat=style.chat,
+        label: generate(lm, [style.text(args.prompt)], p, max_new_tokens=args.max_new_tokens, chat=style.chat,
                         stopping=Stopping(strings=style.stop_strings))[0]
         for label, p in (("program", program), ("full", Program.full(lm.num_layers)))
     }
@@ -74,8 +74,9 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     style = _style(lm, args.prompt, args.plain)
     run = dict(max_new_tokens=args.max_new_tokens, chat=style.chat, capture="last",
                stopping=Stopping(strings=style.stop_strings))
-    base = generate(lm, [args.prompt], None, **run)[0]
-    trace = base if program.is_full else generate(lm, [args.prompt], program, **run)[0]
+    text = style.text(args.prompt)
+    base = generate(lm, [text], None, **run)[0]
+    trace = base if program.is_full else generate(lm, [text], program, **run)[0]
     result = analyze(lm, trace, base, expected=args.expected or None, k=args.k)
     print(f"program [{program.format()}]: {program.layer_calls} steps; answer: {shown_answer(trace.text, style)!r}")
     if not program.is_full:
@@ -278,8 +279,9 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     report = measure_full_accuracy(lm, args.families, args.per_family or None, args.split, args.shots,
                                    args.batch_size)
     report = {"command": "python -m polar_core " + shlex.join(args.argv), **report}
-    Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out = Path(args.out) if args.out else tasks.baseline_path(lm.name)
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 
@@ -376,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--split", choices=tasks.SPLITS, default=None, help="sample from one split only (default: all)")
     base.add_argument("--shots", type=int, default=3)
     base.add_argument("--batch-size", type=int, default=16)
-    base.add_argument("--out", default=str(tasks.BASELINE_FILE))
+    base.add_argument("--out", default=None, help="JSON file (default: the model's file in polar_core/assets/baselines/)")
     _add_model_args(base)
     base.set_defaults(func=_cmd_baseline)
 
