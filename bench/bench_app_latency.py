@@ -141,8 +141,8 @@ def main(argv=None) -> int:
         gen.append(generating)
         plain.append(plain_seconds)
         tokens.append(len(trace.token_ids))
-        passes.append(trace.extras.get("decode_passes", 0))
-        kept.append(trace.extras.get("draft_tokens_kept", 0))
+        passes.append(trace.drafts.decode_passes if trace.drafts else 0)
+        kept.append(trace.drafts.draft_tokens_kept if trace.drafts else 0)
         print(f"{seconds:6.3f} s  (generate {generating:5.3f} s, plain {plain_seconds:5.3f} s, "
               f"float32 {dense_seconds:5.3f} s)  {tokens[-1]:2d} tokens, "
               f"{kept[-1]:2d} from drafts  {text}", flush=True)
