@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from polar_core.engine.models import LoadedModel
+from polar_core.study.checker import answer_rule
 from polar_core.study.tasks import STOP_TEXT
 
 
@@ -21,6 +22,11 @@ class PromptStyle:
     few_shot: bool
     chat: bool  # through the chat template
     stop_strings: tuple[str, ...]  # the answer is cut before the first of these
+
+    def answer_rule(self, exact: bool = False) -> str:
+        """How its answers are checked (polar_core.study.checker): "exact" for
+        few-shot answers or when asked, "contains" for free text."""
+        return answer_rule(self.few_shot, exact)
 
 
 def is_few_shot(prompt: str) -> bool:
