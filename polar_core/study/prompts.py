@@ -44,7 +44,11 @@ def prompt_style(lm: LoadedModel, prompt: str) -> PromptStyle:
 
 
 def shown_answer(text: str, style: PromptStyle) -> str:
-    """The answer as a person reads it: cut at the style's stop string, stripped."""
+    """The answer as a person reads it: cut at the style's stop string, stripped.
+
+    A character whose bytes the token limit cut in half decodes as U+FFFD at
+    the very end; it is dropped (it is no character of the answer).
+    """
     for stop in style.stop_strings:
         text = text.split(stop, 1)[0]
-    return text.strip()
+    return text.rstrip("\ufffd").strip()
