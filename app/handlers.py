@@ -315,12 +315,13 @@ class Stamp:
     expected: str = ""
     rule: str = "exact"  # how answers were checked (polar_core.study.checker)
 
-    def markdown(self) -> str:
-        """One line naming the prompt (its end, where a few-shot prompt asks), program and model."""
+    def markdown(self, verb: str = "Ran") -> str:
+        """One line naming the prompt (its end, where a few-shot prompt asks), program, model, expected answer."""
         prompt = " ".join(self.prompt.split())
         prompt = prompt if len(prompt) <= 80 else "…" + prompt[-79:]
-        return (f"Ran prompt “{escape_md(prompt)}” · program `{self.program}` · "
-                f"model **{escape_md(self.model)}**")
+        program = f" · program `{self.program}`" if self.program else ""
+        expected = f" · expected “{escape_md(self.expected)}”" if self.expected else ""
+        return f"{verb} prompt “{escape_md(prompt)}”{program} · model **{escape_md(self.model)}**{expected}"
 
 
 @dataclass
@@ -663,7 +664,8 @@ def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", b
     message = (f"{method} search scored {found.programs_scored} programs in {found.seconds:.1f} s; the full program is "
                f"**{full}** (an answer is right when it {describe_rule(found.rule, escape_md(expected))}). "
                f"{len(found.programs)} valid program(s) shown, shortest first (checked by decoding)"
-               + (": click one to load it into the editor." if found.programs else "."))
+               + (": click one to load it into the editor." if found.programs else ".")
+               + "  \n" + Stamp(prompt, "", lm.name, expected).markdown("Searched"))
     return SearchView(table, message, found.programs)
 
 
@@ -689,7 +691,8 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
                           "layer calls/token": df["layer_calls"].map("{:.2f}".format),
                           "oracle": df["oracle"].map({True: "yes", False: ""}), "note": df["note"]},
                          columns=EVAL_COLUMNS)
-    notes = "\n".join(f"- {note}" for note in table.notes)
+    notes = "\n".join([f"- Model **{escape_md(lm.name)}**, {escape_md(table.title)}."]
+                      + [f"- {note}" for note in table.notes])
     return shown, table.to_markdown(), figures.accuracy_vs_depth(table.points()), notes
 
 

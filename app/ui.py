@@ -103,6 +103,10 @@ PENDING_JS = """
 """
 
 
+# A loaded lesson: scroll to the top of the Explore tab, where its card sits beside the prompt, above the answers.
+SCROLL_JS = "() => { const t = document.querySelector('#main-tabs'); if (t) t.scrollIntoView({block: 'start'}); }"
+
+
 def launch_kwargs() -> dict:
     """Page-level settings for `demo.launch` (Gradio 6 takes theme and css there)."""
     return dict(theme=gr.themes.Soft(primary_hue="blue", neutral_hue="slate"), css=CSS,
@@ -267,7 +271,7 @@ def on_pick_row(table, row, model, request: gr.Request = None):
 
 @_guard
 @gpu
-def on_search(prompt, expected, method, budget, exact, model, progress=gr.Progress()):
+def on_search(prompt, expected, method, budget, model, exact=False, progress=gr.Progress()):
     progress(0, desc="searching")
     view = H.search_programs(get_model(model), prompt, expected, method, budget,
                              progress=lambda frac, msg: progress(frac, desc=msg), exact=exact)
@@ -674,7 +678,7 @@ def build_demo() -> gr.Blocks:
                           show_progress_on=text))
         then_run(predict.click(on_predict, [prompt, model], [table, message, *editor], api_name="predict",
                                show_progress_on=[table, text]))
-        s_go.click(on_search, [prompt, expected, s_method, s_budget, exact, model], [s_table, s_message],
+        s_go.click(on_search, [prompt, expected, s_method, s_budget, model, exact], [s_table, s_message],
                    api_name="search")
         then_run(s_table.select(clicked_row, None, search_row, api_visibility="private")
                  .success(on_pick_row, [s_table, search_row, model], editor, api_name="pick_search_result",
@@ -683,9 +687,10 @@ def build_demo() -> gr.Blocks:
         e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot, e_notes],
                    api_name="evaluate")
         for i, button in learn_buttons:
-            (button.click(functools.partial(on_learn, i), [model], [prompt, expected, *editor, lesson, tabs],
-                          api_name=f"learn_example_{i}")
-             .success(run_now, run_in, run_out, **runs))
+            loaded = button.click(functools.partial(on_learn, i), [model], [prompt, expected, *editor, lesson, tabs],
+                                  api_name=f"learn_example_{i}")
+            loaded.success(None, None, None, js=SCROLL_JS)  # the card and the answers in view
+            loaded.success(run_now, run_in, run_out, **runs)
         run.click(run_now, run_in, run_out, **runs)
         api_buttons[2].click(api_run, [prompt, text, expected, model, exact, session], run_out, api_name="run",
                              concurrency_id="run")

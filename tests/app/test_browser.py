@@ -125,6 +125,11 @@ def test_the_page_opens_on_lesson_one_already_run(page, lesson):
     _wait_settled(page, program)
     assert lesson["expected"] in page.locator("#answer-edited").inner_text()
     assert "✓ right" in page.locator("#head-edited").inner_text()
+    # The whole 30-layer grid, without a scroll bar of its own (it showed layers 0-20 only).
+    inner_scrollers = page.evaluate("""() => [...document.querySelectorAll('#grid *')].filter(e =>
+        e.scrollHeight > e.clientHeight + 2 && /auto|scroll/.test(getComputedStyle(e).overflowY)).length""")
+    assert inner_scrollers == 0 and page.locator("#grid [data-testid='cell-29-0']").is_visible()
+    assert not page.locator("#preset-n").is_visible()  # the full-program preset uses no numbers
     _shot(page, "explore_desktop.png")
 
 
@@ -166,18 +171,30 @@ def test_edit_the_grid_and_rerun(page):
             page.wait_for_timeout(150)
         page.wait_for_function(f"() => document.querySelector('{TEXT}').value === '0-19'")
         assert "not run yet" in page.locator("#head-edited").inner_text()  # never another program's answer
+        assert "program=0-19" in page.url  # the address follows each edit, before any run
+        page.locator("#copy-link").click()
+        page.wait_for_selector("#copy-link:has-text('Link copied')")
         page.locator("#run").click()
         _wait_settled(page, Program.parse("0-19", D))
     finally:
         page.locator("#auto input[type=checkbox]").check()
     assert "Moscow" not in page.locator("#answer-edited").inner_text()
     assert "Moscow" in page.locator("#answer-full").inner_text()
-    assert "prompt=" in page.url and "program=0-19" in page.url  # the link reproduces the view
     _shot(page, "explore_skip_20_29.png")
     page.get_by_role("tab", name="Logit lens").click()
     page.wait_for_selector("#plot-logit-lens .js-plotly-plot")
     page.locator("#plot-logit-lens").screenshot(path=str(SHOTS / "explore_logit_lens.png"))
     page.get_by_role("tab", name="Similarity").click()
+
+
+def test_preset_fields_show_only_when_used(page):
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="Loop block a–b × r").click()
+    for field, shown in (("n", False), ("a", True), ("b", True), ("r", True)):
+        page.wait_for_selector(f"#preset-{field}", state="visible" if shown else "hidden")
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="Full program (all layers once)").click()
+    page.wait_for_selector("#preset-a", state="hidden")
 
 
 def test_an_error_badge_clears_once_the_program_is_fixed(page):
