@@ -84,7 +84,7 @@ def test_each_row_pick_endpoint_loads_the_row(client, capital_prompt):
     table, *_ = client.predict(prompt, MODEL, api_name="/predict")
     if table["data"]:  # a router ships for the default model
         text, *_ = client.predict(table, len(table["data"]) - 1, MODEL, api_name="/pick_prediction")
-        assert text == table["data"][-1][1].replace(" ", "").replace(",", ", ")
+        assert text == table["data"][-1][1]
     table = {"headers": ["#", "program"], "data": [[1, "0-29"], [2, "0-9, 12-29"]]}
     text, *_ = client.predict(table, 1, MODEL, api_name="/pick_search_result")
     assert text == "0-9, 12-29"

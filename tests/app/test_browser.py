@@ -131,6 +131,10 @@ def test_the_page_opens_on_lesson_one_already_run(page, lesson):
     assert inner_scrollers == 0 and page.locator("#grid [data-testid='cell-29-0']").is_visible()
     assert not page.locator("#preset-n").is_visible()  # the full-program preset uses no numbers
     _shot(page, "explore_desktop.png")
+    page.get_by_role("tab", name="Logit lens").click()
+    page.wait_for_selector("#plot-logit-lens .js-plotly-plot")
+    page.locator("#plot-logit-lens").screenshot(path=str(SHOTS / "explore_logit_lens.png"))
+    page.get_by_role("tab", name="Similarity").click()
 
 
 def test_bursts_of_edits_always_end_on_the_last_program(page, reference):
@@ -181,10 +185,6 @@ def test_edit_the_grid_and_rerun(page):
     assert "Moscow" not in page.locator("#answer-edited").inner_text()
     assert "Moscow" in page.locator("#answer-full").inner_text()
     _shot(page, "explore_skip_20_29.png")
-    page.get_by_role("tab", name="Logit lens").click()
-    page.wait_for_selector("#plot-logit-lens .js-plotly-plot")
-    page.locator("#plot-logit-lens").screenshot(path=str(SHOTS / "explore_logit_lens.png"))
-    page.get_by_role("tab", name="Similarity").click()
 
 
 def test_preset_fields_show_only_when_used(page):
