@@ -78,12 +78,17 @@ def get_model(spec: str | None) -> LoadedModel:
 @dataclass
 class Session:
     """Per-user memory: the full-program trace of the last prompt, so an edit
-    reruns only the edited program (half the work of rerunning both), and the
-    last edit's answer on it, a draft for the next edit (edits come in small steps)."""
+    reruns only the edited program (half the work of rerunning both), the
+    last edit's answer on it, a draft for the next edit (edits come in small
+    steps), and what the page shows."""
 
     baseline_key: tuple | None = None
     baseline: Trace | None = None
     last_edit_tokens: list[int] = field(default_factory=list)
+    # What the page shows now: (what it was run from, the outputs it drew). A
+    # second auto-run of the same thing (two edits of a burst that both end on
+    # the last program) redraws these instead of running and flickering again.
+    shown: tuple | None = None
 
     def cached_baseline(self, key: tuple):
         return self.baseline if self.baseline_key == key else None

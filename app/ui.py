@@ -347,11 +347,12 @@ def _run_model(*args, **kwargs) -> H.RunView:
     return H.run(*args, **kwargs)
 
 
-def _stream_run(prompt, program_text, expected, exact, model, session, should_stop):
+def _stream_run(prompt, program_text, expected, exact, model, session, should_stop, on_final=None):
     """Run the edited and the full program, streaming the answers as they grow, then everything.
 
     Yields run_out tuples; ends with nothing drawn (all skips) when
-    `should_stop` turned true (the page moved on).
+    `should_stop` turned true (the page moved on). `on_final` gets the
+    finished outputs before they are sent.
     """
     session = session if isinstance(session, Session) else Session()
     closed = threading.Event()  # Gradio closed this generator: the client left or the event was cancelled
@@ -386,7 +387,10 @@ def _stream_run(prompt, program_text, expected, exact, model, session, should_st
         return
     if error is not None:
         raise error
-    yield _run_outputs(outcome["view"], session)
+    outputs = _run_outputs(outcome["view"], session)
+    if on_final is not None:
+        on_final(outputs)
+    yield outputs
 
 
 @_guard
@@ -406,13 +410,22 @@ def page_run(auto, prompt, program_text, expected, exact, model, session, reques
         yield tuple(gr.skip() for _ in range(RUN_OUTPUTS + 1))
         return
     page = _page(request)
+    session = session if isinstance(session, Session) else Session()
     program = H.parse_program(program_text, get_model(model).num_layers).format()
+    key = (prompt, program, H.check_expected(expected), bool(exact), model)
     should_stop = RUN_TICKETS.start(page, program, claim=claim) if page else (lambda: False)
     if should_stop is None:  # the editor moved on before this run began: its own run follows
         yield tuple(gr.skip() for _ in range(RUN_OUTPUTS + 1))
         return
+    if not claim and session.shown is not None and session.shown[0] == key:
+        yield (*session.shown[1], session)  # already drawn: show it again, nothing to run
+        return
+
+    def remember(outputs):
+        session.shown = (key, outputs[:-1])
+
     yield _pending_outputs(program)
-    yield from _stream_run(prompt, program, expected, exact, model, session, should_stop)
+    yield from _stream_run(prompt, program, expected, exact, model, session, should_stop, remember)
 
 
 def run_now(prompt, program_text, expected, exact, model, session, request: gr.Request = None):
