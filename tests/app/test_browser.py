@@ -101,14 +101,14 @@ def _wait_settled(page, program, reference=None) -> None:
         raise AssertionError(f"the page never settled on {want!r}: text {_program_text(page)!r}, heading "
                              f"{page.locator('#head-edited').inner_text()!r}, summary "
                              f"{page.locator('#summary').inner_text()[:120]!r}") from exc
-    page.wait_for_timeout(1200)  # nothing stale may land after it: the check must still hold
+    page.wait_for_timeout(800)  # nothing stale may land after it: the check must still hold
     assert page.evaluate(shown, [want, program.layer_calls]), page.locator("#head-edited").inner_text()
     assert Program.parse(_program_text(page), D) == program  # the box keeps what was typed ("full")
     assert _plot_steps(page, "plot-similarity") == program.layer_calls + 1
     assert want in page.locator("#charts-head").inner_text()
     if reference is not None:
         shown = page.locator("#answer-edited").inner_text().split("\n", 1)[-1]  # below the component's label
-        assert shown.strip() == reference(want)
+        assert shown.strip() == (reference(want) or "(empty answer)")
 
 
 def _untick(page, layer: int) -> None:
@@ -170,7 +170,7 @@ def test_bursts_of_edits_always_end_on_the_last_program(page, reference):
 
     rng = random.Random(13)
     for burst in range(10):
-        programs = [Program.drop_layers(D, rng.sample(range(1, D - 1), k)) for k in rng.sample(range(0, 8), 3)]
+        programs = [Program.drop_layers(D, rng.sample(range(1, D - 1), k)) for k in rng.sample(range(0, 6), 3)]
         for program in programs:
             _edit_text(page, program.format())
             page.wait_for_timeout(rng.randint(50, 300))
