@@ -259,17 +259,16 @@ class PromptSearch:
 
 
 def prompt_scorer(lm: LoadedModel, prompt_ids: Sequence[int], expected: str, few_shot: bool, rule: str = "exact"):
-    """Scores programs on one prompt: teacher forcing for few-shot prompts
-    under the exact rule (an answer line that ends in a newline: fast,
-    prefixes shared); decoding and the checker otherwise (free text has no
-    fixed continuation)."""
-    if few_shot and rule == "exact":
+    """Scores programs on one prompt: teacher forcing for few-shot prompts (an
+    answer line that ends in a newline, checked exactly: fast, prefixes
+    shared); decoding and the checker under `rule` otherwise (free text has
+    no fixed continuation)."""
+    if few_shot:
         stops = line_end_ids(lm.tokenizer) | eos_token_ids(lm)
         return make_scorer(lm, Target(prompt_ids, expected_token_ids(lm, prompt_ids, expected), stops))
-    stop_strings = (STOP_TEXT,) if few_shot else ()
 
     def decode(programs):
-        traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=stop_strings)
+        traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=())
         return [check_answer(t.text, expected, rule=rule) for t in traces]
 
     return decode
