@@ -673,7 +673,7 @@ def build_demo() -> gr.Blocks:
         for box in (prompt, text, expected, model):  # the address bar follows every change, so a link reproduces it
             box.change(None, [prompt, text, expected, model], None, js=URL_JS)
         copy.click(None, None, None, js=COPY_JS)
-        model.input(on_model, [model], [status, *editor], api_name="model_status")  # not .change: the URL sets it too
+        then_run(model.input(on_model, [model], [status, *editor], api_name="model_status"))  # not .change: the URL sets it
         then_run(example.input(on_example, [example], [prompt, expected, lesson], api_name="example"), wait=False)
         # The page's text and grid events leave the box being edited alone; API
         # clients get every view back from twins of the same handlers.

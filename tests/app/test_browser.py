@@ -315,7 +315,10 @@ def test_a_phone_reaches_every_tab_and_the_toolbar_leaves_titles_free(browser, a
                 const a = bar.getBoundingClientRect(), b = title.getBoundingClientRect();
                 return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom; }""")
             assert not overlap, f"the Plotly toolbar covers the title of {name}"
+            assert plot.locator(".modebar-btn[data-title*='png' i]").count() == 1  # the chart saves as PNG
         phone.get_by_role("tab", name="Similarity").click()
+        phone.locator("#charts-head").scroll_into_view_if_needed()
+        phone.screenshot(path=str(SHOTS / "phone_charts.png"), full_page=False)
         phone.evaluate("() => window.scrollTo(0, 0)")
         phone.screenshot(path=str(SHOTS / "phone.png"), full_page=False)
         for name in ("Search", "Evaluate", "Learn", "Explore"):
