@@ -1,6 +1,6 @@
 """Choose the Learn tab's examples by measurement on the default model.
 
-    python -m app.curate_examples            # writes app/learn_examples.json
+    python -m app.curate_examples [--model M]   # writes app/learn/<model>.json
 
 Four lessons, each found by running candidates and keeping the first that
 shows it, with the measured facts stored beside the text that explains them:
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.handlers import LEARN_FILE
+from app.handlers import learn_file
 from polar_core.engine.generate import Stopping, Trace, generate
 from polar_core.engine.models import DEFAULT_MODEL, load_model
 from polar_core.program import Program
@@ -183,7 +183,7 @@ def lesson_emerge(lm) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--out", type=Path, default=LEARN_FILE)
+    parser.add_argument("--out", type=Path, default=None, help="default: app/learn/<model>.json")
     parser.add_argument("--like", type=Path, default=None,
                         help="another model's lessons: reuse their items where this model answers them right")
     args = parser.parse_args(argv)
@@ -196,8 +196,9 @@ def main(argv=None) -> int:
         print(f"{examples[-1]['kind']:7s} {examples[-1]['facts']}", flush=True)
     data = {"command": "python -m app.curate_examples " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": args.model, "seconds": round(time.perf_counter() - started, 1), "examples": examples}
-    args.out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out = args.out or learn_file(args.model)
+    out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 

@@ -28,7 +28,7 @@ from app import figures
 from app.session import InputError, Session
 from polar_core.engine.generate import Stopping, Trace, generate
 from polar_core.engine.inputs import PromptError
-from polar_core.engine.models import LoadedModel
+from polar_core.engine.models import DEFAULT_MODEL, MODEL_ALIASES, LoadedModel
 from polar_core.limits import LimitError, Limits
 from polar_core.program import DEFAULT_MAX_STEPS_PER_LAYER, Program, ProgramError
 from polar_core.study import tasks
@@ -36,7 +36,7 @@ from polar_core.study.analysis import Analysis, analyze, word_marks
 from polar_core.study.checker import describe_rule
 from polar_core.study.evaluate import evaluate_family as library_evaluate_family
 from polar_core.study.find import find_programs
-from polar_core.study.prompts import PromptStyle, prompt_style, shown_answer
+from polar_core.study.prompts import PromptStyle, has_chat_template, prompt_style, shown_answer
 from polar_core.study.redundancy import gromov_program, shortgpt_program
 from polar_core.study.router import CONFIG_FILE, RouterError, default_router_path, load_router, predict_programs
 from polar_core.study.tasks import FAMILIES
@@ -617,8 +617,15 @@ def model_status(lm: LoadedModel) -> str:
     params = info["parameters"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     codes = " · decoding on the GGUF codes" if lm.packing and lm.packing.packed else ""
-    return (f"**{info['name']}** · {info['family']} · {info['layers']} layers · hidden {info['hidden_size']} · "
+    line = (f"**{info['name']}** · {info['family']} · {info['layers']} layers · hidden {info['hidden_size']} · "
             f"{size} parameters · {info['device']} / {info['dtype']}{codes}")
+    if not has_chat_template(lm):
+        line += ("  \nA base model (no chat template): free-text prompts are asked as "
+                 "“Question: …⏎Answer:” and the answer ends at the line's end; few-shot prompts run as typed.")
+    entry = MODEL_ALIASES.get(lm.name)
+    if entry is not None and entry.notice:
+        line += f"  \n_{entry.notice}._"
+    return line
 
 
 # ----------------------------------------------------------------- search
@@ -697,12 +704,22 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
 
 
 # ------------------------------------------------------------------ learn
-LEARN_FILE = Path(str(importlib.resources.files("app"))) / "learn_examples.json"
+LEARN_DIR = Path(str(importlib.resources.files("app"))) / "learn"
 
 
-def learn_examples(path=None) -> list[dict]:
-    """The curated tour (written by `python -m app.curate_examples`); [] when absent."""
-    path = path or LEARN_FILE
+def learn_file(model: str) -> Path:
+    """Where a model's lessons are kept (`python -m app.curate_examples --model M --out ...`)."""
+    return LEARN_DIR / f"{model}.json"
+
+
+def lesson_models() -> list[str]:
+    """The models with curated lessons, the default first."""
+    return sorted((p.stem for p in LEARN_DIR.glob("*.json")), key=lambda m: (m != DEFAULT_MODEL, m))
+
+
+def learn_examples(model: str = DEFAULT_MODEL, path=None) -> list[dict]:
+    """A model's curated tour (written by `python -m app.curate_examples`); [] when absent."""
+    path = path or learn_file(model)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

@@ -34,6 +34,7 @@ from gradio.components.plot import PlotData
 from app import figures
 from app import handlers as H
 from app.session import RUN_TICKETS, InputError, Session, allowed_models, any_model_allowed, default_model, get_model
+from polar_core.engine.models import DEFAULT_MODEL
 from polar_core.limits import Limits
 from polar_core.study.tasks import FAMILIES
 
@@ -284,8 +285,8 @@ def on_evaluate(family, n_items, drop, model, progress=gr.Progress(track_tqdm=Tr
     return H.evaluate_family(get_model(model), family, n_items, drop)
 
 
-def _lesson(index) -> tuple[int, dict]:
-    examples = H.learn_examples()
+def _lesson(lesson_model: str, index) -> tuple[int, dict]:
+    examples = H.learn_examples(lesson_model)
     try:
         index = int(index)
     except (TypeError, ValueError):
@@ -296,11 +297,13 @@ def _lesson(index) -> tuple[int, dict]:
 
 
 @_guard
-def on_learn(index, model, request: gr.Request = None):
-    """Load lesson `index` into the Explore tab: prompt, expected answer, program, and its card."""
-    index, ex = _lesson(index)
-    program = H.parse_program(ex["program"], get_model(model).num_layers)
-    return (ex["prompt"], ex["expected"], *_editor_outputs(program, request),
+def on_learn(lesson_model: str, index, request: gr.Request = None):
+    """Load lesson `index` of `lesson_model` into the Explore tab: the model, prompt, expected
+    answer, program, and its card."""
+    index, ex = _lesson(lesson_model, index)
+    lm = get_model(lesson_model)
+    program = H.parse_program(ex["program"], lm.num_layers)
+    return (lesson_model, H.model_status(lm), ex["prompt"], ex["expected"], *_editor_outputs(program, request),
             gr.update(value=H.lesson_card(ex, index + 1), visible=True), gr.Tabs(selected="explore"))
 
 
@@ -445,7 +448,7 @@ def on_load(session, request: gr.Request):
         gr.Warning(f"{exc} Using {default_model()}.")
         model, lm = default_model(), get_model(default_model())
     card = gr.update(value="", visible=False)
-    lessons = H.learn_examples()
+    lessons = H.learn_examples(model)
     if "prompt" not in state and lessons:
         state = {"prompt": lessons[0]["prompt"], "expected": lessons[0]["expected"], "program": lessons[0]["program"]}
         card = gr.update(value=H.lesson_card(lessons[0], 1), visible=True)
@@ -612,20 +615,28 @@ def _evaluate_tab():
 
 
 def _learn_tab():
-    """One card per curated lesson, each with a button that loads it."""
+    """Per model, one card per curated lesson, each with a button that loads it (and its model)."""
     with gr.Tab("Learn", id="learn"):
-        gr.Markdown("A short tour for teaching **layer redundancy**. Each lesson was chosen by measurement on "
-                    "the default model (`python -m app.curate_examples`). Load one: the Explore tab opens with "
-                    "its card beside the answers and figures.")
+        gr.Markdown("A short tour for teaching **layer redundancy**. Each lesson was chosen by measurement "
+                    "(`python -m app.curate_examples`), on each model, on the same question where the model "
+                    "answers it: compare how many layers each model can spare, and where its answer appears. "
+                    "Load one: the Explore tab opens with its card beside the answers and figures.")
         buttons = []
-        examples = H.learn_examples()
-        if not examples:
-            gr.Markdown("_No curated lessons found (app/learn_examples.json)._")
-        for i, ex in enumerate(examples):
-            with gr.Group():
-                gr.Markdown(H.lesson_card(ex, i + 1), elem_classes="learn-card")
-                buttons.append((i, gr.Button(f"Load lesson {i + 1}", size="sm", elem_id=f"learn-{i}")))
+        models = [m for m in H.lesson_models() if m in allowed_models()]
+        if not models:
+            gr.Markdown("_No curated lessons found (app/learn/)._")
+        for model in models:
+            gr.Markdown(f"### On {model}")
+            for i, ex in enumerate(H.learn_examples(model)):
+                key = f"{i}" if model == DEFAULT_MODEL else f"{_slug(model)}-{i}"
+                with gr.Group():
+                    gr.Markdown(H.lesson_card(ex, i + 1), elem_classes="learn-card")
+                    buttons.append((model, i, key, gr.Button(f"Load lesson {i + 1}", size="sm", elem_id=f"learn-{key}")))
     return buttons
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def build_demo() -> gr.Blocks:
@@ -699,9 +710,10 @@ def build_demo() -> gr.Blocks:
                  .success(lambda: gr.Tabs(selected="explore"), None, tabs, api_visibility="private"))
         e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot, e_notes],
                    api_name="evaluate")
-        for i, button in learn_buttons:
-            loaded = button.click(functools.partial(on_learn, i), [model], [prompt, expected, *editor, lesson, tabs],
-                                  api_name=f"learn_example_{i}")
+        for lesson_model, i, key, button in learn_buttons:
+            loaded = button.click(functools.partial(on_learn, lesson_model, i), None,
+                                  [model, status, prompt, expected, *editor, lesson, tabs],
+                                  api_name=f"learn_example_{key.replace('-', '_')}")
             loaded.success(None, None, None, js=SCROLL_JS)  # the card and the answers in view
             loaded.success(run_now, run_in, run_out, **runs)
         run.click(run_now, run_in, run_out, **runs)

@@ -327,3 +327,21 @@ def test_a_phone_reaches_every_tab_and_the_toolbar_leaves_titles_free(browser, a
             tab.click()
     finally:
         phone.close()
+
+
+def test_switching_to_gemma_and_back_through_the_lessons(page):
+    """Both real models are offered; a Gemma lesson switches the page to Gemma (18 layers, its notice)."""
+    from app.handlers import learn_examples
+
+    gemma = next(ex for ex in learn_examples("gemma3-270m") if ex["kind"] == "skip")
+    page.get_by_role("tab", name="Learn").click()
+    page.wait_for_selector("text=On gemma3-270m")
+    page.locator("#learn-gemma3_270m-0").click()
+    page.wait_for_selector("#status:has-text('gemma3_text')")
+    page.wait_for_selector("#status:has-text('Gemma Terms of Use')")
+    page.wait_for_function(f"() => document.querySelector('{TEXT}').value === '{gemma['program']}'")
+    page.wait_for_selector(f"#head-edited:has-text('{gemma['facts']['layers']} layer calls/token')")
+    _shot(page, "gemma_lesson.png", full_page=False)
+    page.get_by_role("tab", name="Learn").click()
+    page.locator("#learn-0").click()
+    page.wait_for_selector("#status:has-text('llama')")

@@ -383,15 +383,16 @@ def test_evaluate_checks_its_inputs():
         H.evaluate_family(build_tiny("llama"), "capitals", 0, 1)
 
 
-def test_learn_examples_match_their_measured_facts():
-    """The tour's text is backed by facts measured on the default model (app/curate_examples.py)."""
-    examples = {ex["kind"]: ex for ex in H.learn_examples()}
+@pytest.mark.parametrize("model, depth", [("smollm2-135m-instruct", D), ("gemma3-270m", 18)])
+def test_learn_examples_match_their_measured_facts(model, depth):
+    """The tour's text is backed by facts measured on each model (app/curate_examples.py)."""
+    examples = {ex["kind"]: ex for ex in H.learn_examples(model)}
     assert set(examples) == {"skip", "break", "fix", "emerge"}
     for ex in examples.values():
         H.check_prompt(ex["prompt"])
-        H.parse_program(ex["program"], D)
+        H.parse_program(ex["program"], depth)
     skip = examples["skip"]
-    assert list(Program.parse(skip["program"], D).skipped_layers()) == skip["facts"]["skipped"]
+    assert list(Program.parse(skip["program"], depth).skipped_layers()) == skip["facts"]["skipped"]
     assert skip["facts"]["answer"] in skip["explanation"]
     assert examples["fix"]["facts"]["full_answer"] != examples["fix"]["facts"]["fixed_answer"]
 
@@ -498,3 +499,17 @@ def test_a_bad_grid_cell_is_reset_with_a_warning_not_an_error(real_lm):
     assert text == "0-19" and [r[2] for r in grid] == [1] * D and [r[1] for r in grid].count(True) == 20
     text, grid, *_ = ui.on_grid_page([[i, i != 3, 1] for i in range(D)], "0-29", None)
     assert text == "0-2, 4-29" and grid == {"__type__": "update"}  # a valid grid is left as the user left it
+
+
+def test_the_same_lesson_compares_the_two_models():
+    """Both models' skip lessons ask the same question, so their redundancy compares directly."""
+    smol, gemma = ({ex["kind"]: ex for ex in H.learn_examples(m)}["skip"] for m in H.lesson_models())
+    assert H.lesson_models()[0] == "smollm2-135m-instruct"
+    assert smol["facts"]["item"] == gemma["facts"]["item"]
+    assert smol["facts"]["skipped"] != gemma["facts"]["skipped"]
+
+
+@pytest.mark.real_model
+def test_the_status_line_of_a_base_model_says_how_it_is_prompted_and_carries_its_notice(real_gemma):
+    line = H.model_status(real_gemma)
+    assert "gemma3_text" in line and "Question: …⏎Answer:" in line and "Gemma Terms of Use" in line
