@@ -106,13 +106,16 @@ def packed_layout(q: Q4Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # -- the compiled kernel ------------------------------------------------------------
 
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 
-def _library_path(cache_dir: Path) -> Path:
+def _library_path(cache_dir: Path, source: Path = SOURCE, flags: tuple[str, ...] = _FLAGS) -> Path:
+    """Where the library built from `source` for this CPU is cached; the name
+    hashes every C file beside it (a source may include another)."""
     cpu = cpuinfo_field("flags") or platform.processor()
-    key = "|".join([SOURCE.read_text(), *_FLAGS, os.environ.get("CC", "cc"), platform.machine(), cpu])
-    return cache_dir / f"packed_linear-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    sources = [p.read_text() for p in sorted(source.parent.glob("*.c"))]
+    key = "|".join([source.name, *sources, *flags, os.environ.get("CC", "cc"), platform.machine(), cpu])
+    return cache_dir / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def kernels_expected() -> bool:
@@ -123,12 +126,12 @@ def kernels_expected() -> bool:
     return {"avx2", "fma", "f16c"} <= flags and shutil.which(os.environ.get("CC", "cc")) is not None
 
 
-def _compile(target: Path) -> None:
+def _compile(target: Path, source: Path = SOURCE, flags: tuple[str, ...] = _FLAGS) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [os.environ.get("CC", "cc"), *_FLAGS, str(SOURCE), "-o", tmp]
+        cmd = [os.environ.get("CC", "cc"), *flags, str(source), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or [f"{cmd[0]} failed"]
@@ -137,6 +140,17 @@ def _compile(target: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def build_library(cache_dir: Path, source: Path = SOURCE, flags: tuple[str, ...] = _FLAGS) -> ctypes.CDLL:
+    """The C library built from `source` for this CPU (compiled once, cached); raises OSError."""
+    path = _library_path(cache_dir, source, flags)
+    try:
+        if not path.is_file():
+            _compile(path, source, flags)
+        return ctypes.CDLL(str(path))
+    except subprocess.SubprocessError as err:
+        raise OSError(str(err)) from err
 
 
 @dataclass(frozen=True)
@@ -174,12 +188,9 @@ class Kernel:
 @functools.lru_cache(maxsize=None)
 def load_kernel(cache_dir: Path) -> tuple[Kernel | None, str]:
     """(the compiled kernels or None, why not) for this CPU."""
-    path = _library_path(cache_dir)
     try:
-        if not path.is_file():
-            _compile(path)
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as err:
+        library = build_library(cache_dir)
+    except OSError as err:
         return None, f"no packed kernel ({err}); float32 weights"
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     functions = {}

@@ -164,36 +164,40 @@ int q4_pack(const float *w, int N, int K, uint8_t *codes, float *scales, float *
  * Layout: the outputs in tiles of 16; codes [N/16][K][16] signed bytes (byte j
  * of (tile t, input k) is q[16t + j, k]); scales [N/16][K/32][16]. */
 
+/* One tile (16 outputs) of one input row: y[0..15] = sum_k W[16t + j, k] x[k]. */
+static inline __attribute__((always_inline)) void
+q8_tile(const float *xr, int K, const int8_t *c, const float *d, float *y) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < K / 32; b++) {
+        __m256 part[4][2];  /* four partial sums per output vector, for FMA latency */
+        for (int u = 0; u < 4; u++) part[u][0] = part[u][1] = _mm256_setzero_ps();
+        for (int k = 32 * b; k < 32 * b + 32; k += 4) {
+            for (int u = 0; u < 4; u++) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(c + (size_t)(k + u) * 16));
+                __m256 xk = _mm256_set1_ps(xr[k + u]);
+                part[u][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), xk, part[u][0]);
+                part[u][1] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), xk, part[u][1]);
+            }
+        }
+        for (int v = 0; v < 2; v++) {
+            __m256 codes_dot_x = _mm256_add_ps(_mm256_add_ps(part[0][v], part[1][v]),
+                                               _mm256_add_ps(part[2][v], part[3][v]));
+            acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(d + 16 * b + 8 * v), codes_dot_x, acc[v]);
+        }
+    }
+    _mm256_storeu_ps(y, acc[0]);
+    _mm256_storeu_ps(y + 8, acc[1]);
+}
+
 int q8_linear(const float *x, int rows, int K, int N, const int8_t *codes,
               const float *scales, const float *unused, float *y) {
     (void)unused;
     for (int t = 0; t < N / 16; t++) {
         const int8_t *c = codes + (size_t)t * K * 16;
         const float *d = scales + (size_t)t * (K / 32) * 16;
-        for (int r = 0; r < rows; r++) {  /* the tile's codes stay in cache for the other rows */
-            const float *xr = x + (size_t)r * K;
-            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int b = 0; b < K / 32; b++) {
-                __m256 part[4][2];  /* four partial sums per output vector, for FMA latency */
-                for (int u = 0; u < 4; u++) part[u][0] = part[u][1] = _mm256_setzero_ps();
-                for (int k = 32 * b; k < 32 * b + 32; k += 4) {
-                    for (int u = 0; u < 4; u++) {
-                        __m128i raw = _mm_loadu_si128((const __m128i *)(c + (size_t)(k + u) * 16));
-                        __m256 xk = _mm256_set1_ps(xr[k + u]);
-                        part[u][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), xk, part[u][0]);
-                        part[u][1] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), xk, part[u][1]);
-                    }
-                }
-                for (int v = 0; v < 2; v++) {
-                    __m256 codes_dot_x = _mm256_add_ps(_mm256_add_ps(part[0][v], part[1][v]),
-                                                       _mm256_add_ps(part[2][v], part[3][v]));
-                    acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(d + 16 * b + 8 * v), codes_dot_x, acc[v]);
-                }
-            }
-            _mm256_storeu_ps(y + (size_t)r * N + 16 * t, acc[0]);
-            _mm256_storeu_ps(y + (size_t)r * N + 16 * t + 8, acc[1]);
-        }
+        for (int r = 0; r < rows; r++)  /* the tile's codes stay in cache for the other rows */
+            q8_tile(x + (size_t)r * K, K, c, d, y + (size_t)r * N + 16 * t);
     }
     return 0;
 }

@@ -1,0 +1,462 @@
+/* The lean decode step: one program step (one pre-norm decoder layer) for a
+ * few new tokens of one sequence, in one C call, on the GGUF codes.
+ *
+ *   x  = rmsnorm(h) * w_attn
+ *   q, k, v = x Wq^T (+ bq), x Wk^T (+ bk), x Wv^T (+ bv)        codes (Q4_1 or Q8_0)
+ *   q, k = rope(qk_norm(q)), rope(qk_norm(k))                   qk_norm: Qwen3 only
+ *   keys/values of this step's own KV slot [start + i] = k, v
+ *   a  = softmax(q K^T * scale over the slot's keys <= own position) V    (GQA, sliding window)
+ *   h  = h + a Wo^T
+ *   h  = h + down(silu(gate(rmsnorm(h) * w_mlp)) * up(...))
+ *
+ * This is what transformers' Llama / Mistral / Qwen2 / Qwen3 decoder layers
+ * compute (polar_core/engine/cpu/lean.py checks the layer's structure and
+ * compares one call with the reference at load); the sums are rounded in
+ * another order. The KV slot is the program step's (polar_core.engine.cache),
+ * so a looped layer keeps one slot per visit, exactly as on the reference path.
+ *
+ * Threads: the caller and up to 63 workers split every product by blocks of 32
+ * outputs and the attention by (token, head); each output is computed by one
+ * thread in a fixed order, so results do not depend on the thread count.
+ * Workers are started at the first multi-threaded call, spin briefly between
+ * calls and then sleep. One caller at a time uses them; a concurrent caller
+ * (another Python thread) runs its step alone on its own thread.
+ */
+#define _GNU_SOURCE
+#include "packed_linear.c"
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { FORMAT_Q4_1 = 0, FORMAT_Q8_0 = 1 };
+#define UNIT 32          /* outputs per unit of work (a Q4_1 tile, two Q8_0 tiles) */
+#define MAX_THREADS 64
+#define MAX_HEAD_DIM 512
+
+/* The ctypes Structures in lean.py mirror these three. */
+typedef struct {
+    int32_t format, in, out, tile;
+    const void *codes;
+    const float *scales, *mins, *bias; /* mins: Q4_1 only; bias may be NULL */
+} lean_weight;
+
+typedef struct {
+    lean_weight q, k, v, o, gate, up, down;
+    const float *attn_norm, *mlp_norm; /* input_layernorm, post_attention_layernorm weights */
+    const float *q_norm, *k_norm;      /* per-head RMSNorm weights (Qwen3), else NULL */
+} lean_layer;
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, head_dim, inter, layers;
+    float eps, scale;
+    const lean_layer *layer; /* [layers] */
+    const float *final_norm;
+    lean_weight head;        /* the LM head; format -1: none */
+} lean_model;
+
+/* ---- small vector helpers ---------------------------------------------------- */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* exp(x) to ~1 ulp (Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* out = w * (x / sqrt(mean(x^2) + eps)), as transformers' RMSNorm; n % 8 == 0. */
+static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum(acc) / (float)n + eps));
+    for (int i = 0; i < n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), inv)));
+}
+
+/* Rotary embedding in transformers' convention: x * cos + rotate_half(x) * sin. */
+static void rope(float *x, const float *cos, const float *sin, int dim) {
+    float tmp[MAX_HEAD_DIM];
+    const int half = dim / 2;
+    memcpy(tmp, x, sizeof(float) * (size_t)dim);
+    for (int d = 0; d < half; d++) x[d] = tmp[d] * cos[d] - tmp[d + half] * sin[d];
+    for (int d = half; d < dim; d++) x[d] = tmp[d] * cos[d] + tmp[d - half] * sin[d];
+}
+
+static inline void split(int total, int ith, int nth, int *begin, int *end) {
+    *begin = (int)((long)total * ith / nth);
+    *end = (int)((long)total * (ith + 1) / nth);
+}
+
+/* y[r * ldy + o] = x_r . W[o] (+ bias) for outputs o in units [u0, u1) of 32,
+ * rows r < rows of x (row stride ldx); sums: per row, x's sums per block of 32. */
+static void product_units(const lean_weight *w, const float *x, int ldx, const float *sums, int rows,
+                          float *y, int ldy, int u0, int u1) {
+    const int K = w->in, blocks = K / 32;
+    if (w->format == FORMAT_Q4_1) {
+        for (int t = u0; t < u1; t++) {
+            const uint8_t *ct = (const uint8_t *)w->codes + (size_t)t * K * 16;
+            const float *st = w->scales + (size_t)t * K, *mt = w->mins + (size_t)t * K;
+            for (int r = 0; r < rows; r += 2) {
+                const int pair = rows - r >= 2;
+                const float *xr[2] = {x + (size_t)r * ldx, x + (size_t)(r + pair) * ldx};
+                const float *sr[2] = {sums + (size_t)r * blocks, sums + (size_t)(r + pair) * blocks};
+                float *yr[2] = {y + (size_t)r * ldy + 32 * t, y + (size_t)(r + pair) * ldy + 32 * t};
+                if (pair)
+                    tile_product(2, 1, xr, sr, K, ct, st, mt, yr);
+                else
+                    tile_product(1, 2, xr, sr, K, ct, st, mt, yr);
+            }
+        }
+    } else {
+        for (int t = 2 * u0; t < 2 * u1; t++) {
+            const int8_t *c = (const int8_t *)w->codes + (size_t)t * K * 16;
+            const float *d = w->scales + (size_t)t * blocks * 16;
+            for (int r = 0; r < rows; r++) q8_tile(x + (size_t)r * ldx, K, c, d, y + (size_t)r * ldy + 16 * t);
+        }
+    }
+    if (w->bias)
+        for (int r = 0; r < rows; r++)
+            for (int o = UNIT * u0; o < UNIT * u1; o++) y[(size_t)r * ldy + o] += w->bias[o];
+}
+
+static void row_block_sums(const float *x, int rows, int K, float *sums) {
+    for (int r = 0; r < rows; r++) block_sums(x + (size_t)r * K, K, sums + (size_t)r * (K / 32));
+}
+
+/* ---- the team of threads ------------------------------------------------------- */
+
+typedef void (*team_fn)(void *job, int ith, int nth);
+
+static struct {
+    pthread_mutex_t busy;  /* held by the one caller using the workers */
+    pthread_mutex_t lock;  /* with `wake`: workers that sleep */
+    pthread_cond_t wake;
+    int workers;
+    atomic_uint generation; /* one more per job */
+    atomic_int running;     /* workers not yet done with the current job */
+    atomic_int arrived;     /* the barrier */
+    atomic_uint phase;
+    team_fn fn;
+    void *job;
+    int nth;
+} team = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static pthread_once_t team_once = PTHREAD_ONCE_INIT;
+
+/* A forked child has none of the workers (and maybe a held lock): start afresh. */
+static void team_after_fork(void) {
+    pthread_mutex_init(&team.busy, NULL);
+    pthread_mutex_init(&team.lock, NULL);
+    pthread_cond_init(&team.wake, NULL);
+    team.workers = 0;
+}
+
+static void team_init(void) { pthread_atfork(NULL, NULL, team_after_fork); }
+
+static double seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* Spin while *flag == seen; yield now and then, so a peer that lost its core can run. */
+static inline void spin_while_equal(atomic_uint *flag, unsigned seen) {
+    for (unsigned i = 1; atomic_load_explicit(flag, memory_order_acquire) == seen; i++) {
+        _mm_pause();
+        if ((i & 1023) == 0) sched_yield();
+    }
+}
+
+static void team_barrier(int nth) {
+    if (nth == 1) return;
+    const unsigned phase = atomic_load(&team.phase);
+    if (atomic_fetch_add(&team.arrived, 1) == nth - 1) {
+        atomic_store(&team.arrived, 0);
+        atomic_fetch_add(&team.phase, 1);
+    } else {
+        spin_while_equal(&team.phase, phase);
+    }
+}
+
+#define IDLE_SPIN_SECONDS 0.002  /* between the calls of one decoding pass, and between tokens */
+
+/* arg: (the generation before the worker's first job << 8) | its index: read
+ * at the start, the generation might already count that first job. */
+static void *team_worker(void *arg) {
+    const int ith = (int)((uintptr_t)arg & 255);
+    unsigned seen = (unsigned)((uintptr_t)arg >> 8);
+    for (;;) {
+        double until = 0;
+        for (unsigned i = 1; atomic_load_explicit(&team.generation, memory_order_acquire) == seen; i++) {
+            _mm_pause();
+            if ((i & 255) == 0) {
+                const double now = seconds();
+                if (until == 0) until = now + IDLE_SPIN_SECONDS;
+                else if (now > until) {
+                    pthread_mutex_lock(&team.lock);
+                    while (atomic_load(&team.generation) == seen) pthread_cond_wait(&team.wake, &team.lock);
+                    pthread_mutex_unlock(&team.lock);
+                }
+            }
+        }
+        seen = atomic_load(&team.generation);
+        if (ith < team.nth) team.fn(team.job, ith, team.nth);
+        atomic_fetch_sub(&team.running, 1);
+    }
+    return NULL;
+}
+
+/* Run fn(job, ith, nth) on nth threads (the caller is ith 0); alone if the team is busy. */
+static void team_run(team_fn fn, void *job, int nth) {
+    pthread_once(&team_once, team_init);
+    if (nth > MAX_THREADS) nth = MAX_THREADS;
+    if (nth <= 1 || pthread_mutex_trylock(&team.busy) != 0) {
+        fn(job, 0, 1);
+        return;
+    }
+    while (team.workers < nth - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const uintptr_t arg = ((uintptr_t)atomic_load(&team.generation) << 8) | (uintptr_t)(team.workers + 1);
+        const int failed = pthread_create(&thread, &attr, team_worker, (void *)arg);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        team.workers++;
+    }
+    if (nth > team.workers + 1) nth = team.workers + 1;
+    team.fn = fn;
+    team.job = job;
+    team.nth = nth;
+    atomic_store(&team.running, team.workers);
+    pthread_mutex_lock(&team.lock);
+    atomic_fetch_add(&team.generation, 1);
+    pthread_cond_broadcast(&team.wake);
+    pthread_mutex_unlock(&team.lock);
+    fn(job, 0, nth);
+    for (unsigned i = 1; atomic_load_explicit(&team.running, memory_order_acquire) > 0; i++) {
+        _mm_pause();
+        if ((i & 1023) == 0) sched_yield();
+    }
+    pthread_mutex_unlock(&team.busy);
+}
+
+/* ---- one step ------------------------------------------------------------------ */
+
+typedef struct {
+    const lean_model *m;
+    const lean_layer *L;
+    float *h;                 /* (rows, hidden), updated in place */
+    int rows, capacity, start, first_key, window;
+    float *keys, *values;     /* this step's slot, (kv_heads, capacity, head_dim) each */
+    const float *cos, *sin;   /* (rows, head_dim) */
+    float *q, *k, *v, *attn, *mid, *act; /* shared scratch */
+    float *private_scratch;   /* per thread: private_floats */
+    size_t private_floats;
+} step_job;
+
+static void attend(const step_job *j, int i, int head, float *scores) {
+    const lean_model *m = j->m;
+    const int dim = m->head_dim, qd = m->heads * dim;
+    const int kv = head / (m->heads / m->kv_heads);
+    float *q = j->q + (size_t)i * qd + (size_t)head * dim;
+    if (j->L->q_norm) rms_norm(q, j->L->q_norm, dim, m->eps, q);
+    rope(q, j->cos + (size_t)i * dim, j->sin + (size_t)i * dim, dim);
+    const int last = j->start + i;  /* its own position's cache index: causal */
+    int first = j->first_key;
+    if (j->window > 0 && last - j->window + 1 > first) first = last - j->window + 1;
+    const float *K = j->keys + (size_t)kv * j->capacity * dim, *V = j->values + (size_t)kv * j->capacity * dim;
+    const int n = last - first + 1;
+    float best = -INFINITY;
+    for (int s = 0; s < n; s++) {
+        const float *key = K + (size_t)(first + s) * dim;
+        __m256 acc = _mm256_setzero_ps();
+        for (int d = 0; d < dim; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), acc);
+        scores[s] = hsum(acc) * m->scale;
+        best = scores[s] > best ? scores[s] : best;
+    }
+    float total = 0.f;
+    int s = 0;
+    for (; s + 8 <= n; s += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(best)));
+        _mm256_storeu_ps(scores + s, e);
+    }
+    if (s < n) {
+        float tail[8] = {0};
+        memcpy(tail, scores + s, sizeof(float) * (size_t)(n - s));
+        _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), _mm256_set1_ps(best))));
+        memcpy(scores + s, tail, sizeof(float) * (size_t)(n - s));
+    }
+    for (s = 0; s < n; s++) total += scores[s];
+    const float inv = 1.0f / total;
+    float *out = j->attn + (size_t)i * qd + (size_t)head * dim;
+    for (int d = 0; d < dim; d += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (s = 0; s < n; s++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[s] * inv), _mm256_loadu_ps(V + (size_t)(first + s) * dim + d), acc);
+        _mm256_storeu_ps(out + d, acc);
+    }
+}
+
+static void step_team(void *arg, int ith, int nth) {
+    const step_job *j = arg;
+    const lean_model *m = j->m;
+    const lean_layer *L = j->L;
+    const int rows = j->rows, hidden = m->hidden, dim = m->head_dim;
+    const int qd = m->heads * dim, kvd = m->kv_heads * dim, inter = m->inter;
+    float *x = j->private_scratch + (size_t)ith * j->private_floats;  /* (rows, max(hidden, inter)) */
+    float *sums = x + (size_t)rows * (hidden > inter ? hidden : inter);
+    float *scores = sums + (size_t)rows * ((hidden > inter ? hidden : inter) / 32 + 1);
+    int b, e;
+
+    /* q, k, v: units of the three products, split as one range */
+    for (int r = 0; r < rows; r++) rms_norm(j->h + (size_t)r * hidden, L->attn_norm, hidden, m->eps, x + (size_t)r * hidden);
+    row_block_sums(x, rows, hidden, sums);
+    const int uq = qd / UNIT, ukv = kvd / UNIT;
+    split(uq + 2 * ukv, ith, nth, &b, &e);
+    if (b < uq) product_units(&L->q, x, hidden, sums, rows, j->q, qd, b, e < uq ? e : uq);
+    if (e > uq && b < uq + ukv) product_units(&L->k, x, hidden, sums, rows, j->k, kvd, (b > uq ? b : uq) - uq, (e < uq + ukv ? e : uq + ukv) - uq);
+    if (e > uq + ukv) product_units(&L->v, x, hidden, sums, rows, j->v, kvd, (b > uq + ukv ? b : uq + ukv) - uq - ukv, e - uq - ukv);
+    team_barrier(nth);
+
+    /* the new keys (normed, rotated) and values into this step's slot */
+    split(rows * m->kv_heads, ith, nth, &b, &e);
+    for (int item = b; item < e; item++) {
+        const int i = item / m->kv_heads, kv = item % m->kv_heads;
+        float *key = j->keys + ((size_t)kv * j->capacity + j->start + i) * dim;
+        memcpy(key, j->k + (size_t)i * kvd + (size_t)kv * dim, sizeof(float) * (size_t)dim);
+        if (L->k_norm) rms_norm(key, L->k_norm, dim, m->eps, key);
+        rope(key, j->cos + (size_t)i * dim, j->sin + (size_t)i * dim, dim);
+        memcpy(j->values + ((size_t)kv * j->capacity + j->start + i) * dim, j->v + (size_t)i * kvd + (size_t)kv * dim,
+               sizeof(float) * (size_t)dim);
+    }
+    team_barrier(nth);
+
+    split(rows * m->heads, ith, nth, &b, &e);
+    for (int item = b; item < e; item++) attend(j, item / m->heads, item % m->heads, scores);
+    team_barrier(nth);
+
+    /* mid = h + attn Wo^T */
+    row_block_sums(j->attn, rows, qd, sums);
+    split(hidden / UNIT, ith, nth, &b, &e);
+    product_units(&L->o, j->attn, qd, sums, rows, j->mid, hidden, b, e);
+    for (int r = 0; r < rows; r++)
+        for (int o = UNIT * b; o < UNIT * e; o++) j->mid[(size_t)r * hidden + o] += j->h[(size_t)r * hidden + o];
+    team_barrier(nth);
+
+    /* act = silu(gate(x)) * up(x), x = rmsnorm(mid); gate goes into act, up into x's tail */
+    for (int r = 0; r < rows; r++) rms_norm(j->mid + (size_t)r * hidden, L->mlp_norm, hidden, m->eps, x + (size_t)r * hidden);
+    row_block_sums(x, rows, hidden, sums);
+    split(inter / UNIT, ith, nth, &b, &e);
+    product_units(&L->gate, x, hidden, sums, rows, j->act, inter, b, e);
+    float *up = j->act + (size_t)rows * inter;  /* (rows, inter): the second half of act's buffer */
+    product_units(&L->up, x, hidden, sums, rows, up, inter, b, e);
+    for (int r = 0; r < rows; r++) {
+        float *g = j->act + (size_t)r * inter, *u = up + (size_t)r * inter;
+        for (int o = UNIT * b; o < UNIT * e; o += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + o);
+            const __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.0f),
+                                             _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+            _mm256_storeu_ps(g + o, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + o)));
+        }
+    }
+    team_barrier(nth);
+
+    /* h = mid + act Wd^T */
+    row_block_sums(j->act, rows, inter, sums);
+    split(hidden / UNIT, ith, nth, &b, &e);
+    product_units(&L->down, j->act, inter, sums, rows, j->h, hidden, b, e);
+    for (int r = 0; r < rows; r++)
+        for (int o = UNIT * b; o < UNIT * e; o++) j->h[(size_t)r * hidden + o] += j->mid[(size_t)r * hidden + o];
+}
+
+/* One program step for `rows` new tokens h (rows, hidden), in place. The
+ * tokens sit at cache indices start .. start + rows - 1 of this step's slot
+ * (keys, values: (kv_heads, capacity, head_dim)); keys before first_key are
+ * padding; window > 0 limits attention to the last `window` cache indices.
+ * Returns 0, -1 when out of memory, -2 when the arguments do not fit. */
+int lean_step(const lean_model *m, int layer, float *h, int rows, float *keys, float *values, int capacity,
+              int start, int first_key, int window, const float *cos, const float *sin, int threads) {
+    if (layer < 0 || layer >= m->layers || rows < 1 || start + rows > capacity || first_key > start) return -2;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    const int dim = m->head_dim, qd = m->heads * dim, kvd = m->kv_heads * dim;
+    const int wide = m->hidden > m->inter ? m->hidden : m->inter;
+    const size_t shared = (size_t)rows * (qd + 2 * kvd + qd + m->hidden + 2 * m->inter);
+    const size_t private_floats = (size_t)rows * wide + (size_t)rows * (wide / 32 + 1) + (size_t)capacity + 8;
+    float *scratch = malloc(sizeof(float) * (shared + private_floats * threads));
+    if (!scratch) return -1;
+    step_job j = {m, &m->layer[layer], h, rows, capacity, start, first_key, window, keys, values, cos, sin};
+    j.q = scratch;
+    j.k = j.q + (size_t)rows * qd;
+    j.v = j.k + (size_t)rows * kvd;
+    j.attn = j.v + (size_t)rows * kvd;
+    j.mid = j.attn + (size_t)rows * qd;
+    j.act = j.mid + (size_t)rows * m->hidden;
+    j.private_scratch = scratch + shared;
+    j.private_floats = private_floats;
+    team_run(step_team, &j, threads);
+    free(scratch);
+    return 0;
+}
+
+/* ---- the LM head --------------------------------------------------------------- */
+
+typedef struct {
+    const lean_model *m;
+    const float *h;
+    int rows;
+    float *logits;
+    float *private_scratch;
+    size_t private_floats;
+} head_job;
+
+static void head_team(void *arg, int ith, int nth) {
+    const head_job *j = arg;
+    const lean_model *m = j->m;
+    const int hidden = m->hidden;
+    float *x = j->private_scratch + (size_t)ith * j->private_floats, *sums = x + (size_t)j->rows * hidden;
+    for (int r = 0; r < j->rows; r++) rms_norm(j->h + (size_t)r * hidden, m->final_norm, hidden, m->eps, x + (size_t)r * hidden);
+    row_block_sums(x, j->rows, hidden, sums);
+    int b, e;
+    split(m->head.out / UNIT, ith, nth, &b, &e);
+    product_units(&m->head, x, hidden, sums, j->rows, j->logits, m->head.out, b, e);
+}
+
+/* logits (rows, vocab) = rmsnorm(h) W_head^T. Returns 0, -1 when out of memory, -2 without a head. */
+int lean_head(const lean_model *m, const float *h, int rows, float *logits, int threads) {
+    if (m->head.format < 0 || rows < 1) return -2;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    const size_t private_floats = (size_t)rows * (m->hidden + m->hidden / 32 + 1) + 8;
+    float *scratch = malloc(sizeof(float) * private_floats * threads);
+    if (!scratch) return -1;
+    head_job j = {m, h, rows, logits, scratch, private_floats};
+    team_run(head_team, &j, threads);
+    free(scratch);
+    return 0;
+}
