@@ -146,7 +146,14 @@ static void row_block_sums(const float *x, int rows, int K, float *sums) {
     for (int r = 0; r < rows; r++) block_sums(x + (size_t)r * K, K, sums + (size_t)r * (K / 32));
 }
 
-/* ---- the team of threads ------------------------------------------------------- */
+/* ---- the team of threads ------------------------------------------------------- *
+ *
+ * Work is handed out in chunks from a counter per phase, and a phase ends when
+ * all its chunks are done, not when every thread has arrived: on a shared
+ * machine a worker that lost its core for a while delays nothing but the chunk
+ * it holds, and the caller does the rest. A worker joins a job only while the
+ * job is open; the caller closes it when done and waits for the workers that
+ * joined, so none touches a job after its call returned. */
 
 typedef void (*team_fn)(void *job, int ith, int nth);
 
@@ -155,14 +162,12 @@ static struct {
     pthread_mutex_t lock;  /* with `wake`: workers that sleep */
     pthread_cond_t wake;
     int workers;
-    atomic_uint generation; /* one more per job */
-    atomic_int running;     /* workers not yet done with the current job */
-    atomic_int arrived;     /* the barrier */
-    atomic_uint phase;
+    atomic_uint state;     /* 2 * job number + 1 while the job is open */
+    atomic_int joined;     /* workers inside the current job */
     team_fn fn;
     void *job;
     int nth;
-} team = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+} team = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0};
 
 static pthread_once_t team_once = PTHREAD_ONCE_INIT;
 
@@ -172,6 +177,7 @@ static void team_after_fork(void) {
     pthread_mutex_init(&team.lock, NULL);
     pthread_cond_init(&team.wake, NULL);
     team.workers = 0;
+    atomic_store(&team.joined, 0);
 }
 
 static void team_init(void) { pthread_atfork(NULL, NULL, team_after_fork); }
@@ -182,54 +188,56 @@ static double seconds(void) {
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
-/* Spin while *flag == seen; yield now and then, so a peer that lost its core can run. */
-static inline void spin_while_equal(atomic_uint *flag, unsigned seen) {
-    for (unsigned i = 1; atomic_load_explicit(flag, memory_order_acquire) == seen; i++) {
+typedef struct { atomic_int next, done; } phase;
+
+/* Chunk loop: every thread takes chunks of phase P until none are left. */
+#define FOR_CHUNKS(P, c, chunks) \
+    for (int c; (c = atomic_fetch_add_explicit(&(P)->next, 1, memory_order_relaxed)) < (chunks); \
+         atomic_fetch_add_explicit(&(P)->done, 1, memory_order_release))
+
+/* Whether chunks are left: a worker that joins late skips the preparations of finished phases. */
+static inline int phase_open(phase *p, int chunks) { return atomic_load_explicit(&p->next, memory_order_relaxed) < chunks; }
+
+/* Wait until all `chunks` of the phase are done (their results visible). */
+static void phase_wait(phase *p, int chunks) {
+    for (unsigned i = 1; atomic_load_explicit(&p->done, memory_order_acquire) < chunks; i++) {
         _mm_pause();
-        if ((i & 1023) == 0) sched_yield();
+        if ((i & 1023) == 0) sched_yield();  /* the holder of the last chunk may have lost its core */
     }
 }
 
-static void team_barrier(int nth) {
-    if (nth == 1) return;
-    const unsigned phase = atomic_load(&team.phase);
-    if (atomic_fetch_add(&team.arrived, 1) == nth - 1) {
-        atomic_store(&team.arrived, 0);
-        atomic_fetch_add(&team.phase, 1);
-    } else {
-        spin_while_equal(&team.phase, phase);
-    }
-}
+#define IDLE_SPIN_SECONDS 0.002  /* spans the calls of one pass and the Python between tokens */
 
-#define IDLE_SPIN_SECONDS 0.002  /* between the calls of one decoding pass, and between tokens */
-
-/* arg: (the generation before the worker's first job << 8) | its index: read
- * at the start, the generation might already count that first job. */
+/* arg: (the job state before the worker's first job << 8) | its index. */
 static void *team_worker(void *arg) {
     const int ith = (int)((uintptr_t)arg & 255);
-    unsigned seen = (unsigned)((uintptr_t)arg >> 8);
+    unsigned seen = (unsigned)((uintptr_t)arg >> 8) >> 1;
     for (;;) {
         double until = 0;
-        for (unsigned i = 1; atomic_load_explicit(&team.generation, memory_order_acquire) == seen; i++) {
+        for (unsigned i = 1; atomic_load_explicit(&team.state, memory_order_acquire) >> 1 == seen; i++) {
             _mm_pause();
             if ((i & 255) == 0) {
                 const double now = seconds();
                 if (until == 0) until = now + IDLE_SPIN_SECONDS;
                 else if (now > until) {
                     pthread_mutex_lock(&team.lock);
-                    while (atomic_load(&team.generation) == seen) pthread_cond_wait(&team.wake, &team.lock);
+                    while (atomic_load(&team.state) >> 1 == seen) pthread_cond_wait(&team.wake, &team.lock);
                     pthread_mutex_unlock(&team.lock);
                 }
             }
         }
-        seen = atomic_load(&team.generation);
-        if (ith < team.nth) team.fn(team.job, ith, team.nth);
-        atomic_fetch_sub(&team.running, 1);
+        const unsigned state = atomic_load(&team.state);
+        seen = state >> 1;
+        if (!(state & 1)) continue;  /* already closed: too late to help */
+        atomic_fetch_add(&team.joined, 1);
+        if (atomic_load(&team.state) == state && ith < team.nth) team.fn(team.job, ith, team.nth);
+        atomic_fetch_sub(&team.joined, 1);
     }
     return NULL;
 }
 
-/* Run fn(job, ith, nth) on nth threads (the caller is ith 0); alone if the team is busy. */
+/* Run fn(job, ith, nth) with up to nth threads (the caller is ith 0; fn must
+ * finish the job on its own if no worker joins); alone if the team is busy. */
 static void team_run(team_fn fn, void *job, int nth) {
     pthread_once(&team_once, team_init);
     if (nth > MAX_THREADS) nth = MAX_THREADS;
@@ -242,23 +250,23 @@ static void team_run(team_fn fn, void *job, int nth) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const uintptr_t arg = ((uintptr_t)atomic_load(&team.generation) << 8) | (uintptr_t)(team.workers + 1);
+        const uintptr_t arg = ((uintptr_t)atomic_load(&team.state) << 8) | (uintptr_t)(team.workers + 1);
         const int failed = pthread_create(&thread, &attr, team_worker, (void *)arg);
         pthread_attr_destroy(&attr);
         if (failed) break;
         team.workers++;
     }
-    if (nth > team.workers + 1) nth = team.workers + 1;
     team.fn = fn;
     team.job = job;
-    team.nth = nth;
-    atomic_store(&team.running, team.workers);
+    team.nth = nth < team.workers + 1 ? nth : team.workers + 1;
+    const unsigned opened = ((atomic_load(&team.state) >> 1) + 1) * 2 + 1;
     pthread_mutex_lock(&team.lock);
-    atomic_fetch_add(&team.generation, 1);
+    atomic_store(&team.state, opened);
     pthread_cond_broadcast(&team.wake);
     pthread_mutex_unlock(&team.lock);
-    fn(job, 0, nth);
-    for (unsigned i = 1; atomic_load_explicit(&team.running, memory_order_acquire) > 0; i++) {
+    fn(job, 0, team.nth);
+    atomic_store(&team.state, opened - 1);  /* closed */
+    for (unsigned i = 1; atomic_load(&team.joined) > 0; i++) {
         _mm_pause();
         if ((i & 1023) == 0) sched_yield();
     }
@@ -266,6 +274,8 @@ static void team_run(team_fn fn, void *job, int nth) {
 }
 
 /* ---- one step ------------------------------------------------------------------ */
+
+enum { PHASE_QKV, PHASE_KV, PHASE_ATTEND, PHASE_OUT, PHASE_MLP, PHASE_DOWN, PHASES };
 
 typedef struct {
     const lean_model *m;
@@ -277,6 +287,7 @@ typedef struct {
     float *q, *k, *v, *attn, *mid, *act; /* shared scratch */
     float *private_scratch;   /* per thread: private_floats */
     size_t private_floats;
+    phase phases[PHASES];
 } step_job;
 
 static void attend(const step_job *j, int i, int head, float *scores) {
@@ -299,18 +310,16 @@ static void attend(const step_job *j, int i, int head, float *scores) {
         scores[s] = hsum(acc) * m->scale;
         best = scores[s] > best ? scores[s] : best;
     }
-    float total = 0.f;
     int s = 0;
-    for (; s + 8 <= n; s += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(best)));
-        _mm256_storeu_ps(scores + s, e);
-    }
+    for (; s + 8 <= n; s += 8)
+        _mm256_storeu_ps(scores + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(best))));
     if (s < n) {
         float tail[8] = {0};
         memcpy(tail, scores + s, sizeof(float) * (size_t)(n - s));
         _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), _mm256_set1_ps(best))));
         memcpy(scores + s, tail, sizeof(float) * (size_t)(n - s));
     }
+    float total = 0.f;
     for (s = 0; s < n; s++) total += scores[s];
     const float inv = 1.0f / total;
     float *out = j->attn + (size_t)i * qd + (size_t)head * dim;
@@ -323,30 +332,34 @@ static void attend(const step_job *j, int i, int head, float *scores) {
 }
 
 static void step_team(void *arg, int ith, int nth) {
-    const step_job *j = arg;
+    (void)nth;
+    step_job *j = arg;
     const lean_model *m = j->m;
     const lean_layer *L = j->L;
     const int rows = j->rows, hidden = m->hidden, dim = m->head_dim;
     const int qd = m->heads * dim, kvd = m->kv_heads * dim, inter = m->inter;
-    float *x = j->private_scratch + (size_t)ith * j->private_floats;  /* (rows, max(hidden, inter)) */
-    float *sums = x + (size_t)rows * (hidden > inter ? hidden : inter);
-    float *scores = sums + (size_t)rows * ((hidden > inter ? hidden : inter) / 32 + 1);
-    int b, e;
+    const int wide = hidden > inter ? hidden : inter;
+    float *x = j->private_scratch + (size_t)ith * j->private_floats;  /* (rows, wide) */
+    float *sums = x + (size_t)rows * wide;                            /* (rows, wide / 32) */
+    float *scores = sums + (size_t)rows * (wide / 32 + 1);            /* (capacity) */
+    phase *P = j->phases;
 
-    /* q, k, v: units of the three products, split as one range */
-    for (int r = 0; r < rows; r++) rms_norm(j->h + (size_t)r * hidden, L->attn_norm, hidden, m->eps, x + (size_t)r * hidden);
-    row_block_sums(x, rows, hidden, sums);
+    /* q, k, v: one unit of one of the three products per chunk */
     const int uq = qd / UNIT, ukv = kvd / UNIT;
-    split(uq + 2 * ukv, ith, nth, &b, &e);
-    if (b < uq) product_units(&L->q, x, hidden, sums, rows, j->q, qd, b, e < uq ? e : uq);
-    if (e > uq && b < uq + ukv) product_units(&L->k, x, hidden, sums, rows, j->k, kvd, (b > uq ? b : uq) - uq, (e < uq + ukv ? e : uq + ukv) - uq);
-    if (e > uq + ukv) product_units(&L->v, x, hidden, sums, rows, j->v, kvd, (b > uq + ukv ? b : uq + ukv) - uq - ukv, e - uq - ukv);
-    team_barrier(nth);
+    if (phase_open(&P[PHASE_QKV], uq + 2 * ukv)) {
+        for (int r = 0; r < rows; r++) rms_norm(j->h + (size_t)r * hidden, L->attn_norm, hidden, m->eps, x + (size_t)r * hidden);
+        row_block_sums(x, rows, hidden, sums);
+    }
+    FOR_CHUNKS(&P[PHASE_QKV], c, uq + 2 * ukv) {
+        if (c < uq) product_units(&L->q, x, hidden, sums, rows, j->q, qd, c, c + 1);
+        else if (c < uq + ukv) product_units(&L->k, x, hidden, sums, rows, j->k, kvd, c - uq, c - uq + 1);
+        else product_units(&L->v, x, hidden, sums, rows, j->v, kvd, c - uq - ukv, c - uq - ukv + 1);
+    }
+    phase_wait(&P[PHASE_QKV], uq + 2 * ukv);
 
     /* the new keys (normed, rotated) and values into this step's slot */
-    split(rows * m->kv_heads, ith, nth, &b, &e);
-    for (int item = b; item < e; item++) {
-        const int i = item / m->kv_heads, kv = item % m->kv_heads;
+    FOR_CHUNKS(&P[PHASE_KV], c, rows * m->kv_heads) {
+        const int i = c / m->kv_heads, kv = c % m->kv_heads;
         float *key = j->keys + ((size_t)kv * j->capacity + j->start + i) * dim;
         memcpy(key, j->k + (size_t)i * kvd + (size_t)kv * dim, sizeof(float) * (size_t)dim);
         if (L->k_norm) rms_norm(key, L->k_norm, dim, m->eps, key);
@@ -354,44 +367,49 @@ static void step_team(void *arg, int ith, int nth) {
         memcpy(j->values + ((size_t)kv * j->capacity + j->start + i) * dim, j->v + (size_t)i * kvd + (size_t)kv * dim,
                sizeof(float) * (size_t)dim);
     }
-    team_barrier(nth);
+    phase_wait(&P[PHASE_KV], rows * m->kv_heads);
 
-    split(rows * m->heads, ith, nth, &b, &e);
-    for (int item = b; item < e; item++) attend(j, item / m->heads, item % m->heads, scores);
-    team_barrier(nth);
+    FOR_CHUNKS(&P[PHASE_ATTEND], c, rows * m->heads) attend(j, c / m->heads, c % m->heads, scores);
+    phase_wait(&P[PHASE_ATTEND], rows * m->heads);
 
     /* mid = h + attn Wo^T */
-    row_block_sums(j->attn, rows, qd, sums);
-    split(hidden / UNIT, ith, nth, &b, &e);
-    product_units(&L->o, j->attn, qd, sums, rows, j->mid, hidden, b, e);
-    for (int r = 0; r < rows; r++)
-        for (int o = UNIT * b; o < UNIT * e; o++) j->mid[(size_t)r * hidden + o] += j->h[(size_t)r * hidden + o];
-    team_barrier(nth);
+    if (phase_open(&P[PHASE_OUT], hidden / UNIT)) row_block_sums(j->attn, rows, qd, sums);
+    FOR_CHUNKS(&P[PHASE_OUT], c, hidden / UNIT) {
+        product_units(&L->o, j->attn, qd, sums, rows, j->mid, hidden, c, c + 1);
+        for (int r = 0; r < rows; r++)
+            for (int o = UNIT * c; o < UNIT * (c + 1); o++) j->mid[(size_t)r * hidden + o] += j->h[(size_t)r * hidden + o];
+    }
+    phase_wait(&P[PHASE_OUT], hidden / UNIT);
 
-    /* act = silu(gate(x)) * up(x), x = rmsnorm(mid); gate goes into act, up into x's tail */
-    for (int r = 0; r < rows; r++) rms_norm(j->mid + (size_t)r * hidden, L->mlp_norm, hidden, m->eps, x + (size_t)r * hidden);
-    row_block_sums(x, rows, hidden, sums);
-    split(inter / UNIT, ith, nth, &b, &e);
-    product_units(&L->gate, x, hidden, sums, rows, j->act, inter, b, e);
-    float *up = j->act + (size_t)rows * inter;  /* (rows, inter): the second half of act's buffer */
-    product_units(&L->up, x, hidden, sums, rows, up, inter, b, e);
-    for (int r = 0; r < rows; r++) {
-        float *g = j->act + (size_t)r * inter, *u = up + (size_t)r * inter;
-        for (int o = UNIT * b; o < UNIT * e; o += 8) {
-            const __m256 gv = _mm256_loadu_ps(g + o);
-            const __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.0f),
-                                             _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-            _mm256_storeu_ps(g + o, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + o)));
+    /* act = silu(gate(x)) * up(x), x = rmsnorm(mid); up goes into act's second half */
+    if (phase_open(&P[PHASE_MLP], inter / UNIT)) {
+        for (int r = 0; r < rows; r++) rms_norm(j->mid + (size_t)r * hidden, L->mlp_norm, hidden, m->eps, x + (size_t)r * hidden);
+        row_block_sums(x, rows, hidden, sums);
+    }
+    float *up = j->act + (size_t)rows * inter;
+    FOR_CHUNKS(&P[PHASE_MLP], c, inter / UNIT) {
+        product_units(&L->gate, x, hidden, sums, rows, j->act, inter, c, c + 1);
+        product_units(&L->up, x, hidden, sums, rows, up, inter, c, c + 1);
+        for (int r = 0; r < rows; r++) {
+            float *g = j->act + (size_t)r * inter, *u = up + (size_t)r * inter;
+            for (int o = UNIT * c; o < UNIT * (c + 1); o += 8) {
+                const __m256 gv = _mm256_loadu_ps(g + o);
+                const __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.0f),
+                                                 _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+                _mm256_storeu_ps(g + o, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + o)));
+            }
         }
     }
-    team_barrier(nth);
+    phase_wait(&P[PHASE_MLP], inter / UNIT);
 
     /* h = mid + act Wd^T */
-    row_block_sums(j->act, rows, inter, sums);
-    split(hidden / UNIT, ith, nth, &b, &e);
-    product_units(&L->down, j->act, inter, sums, rows, j->h, hidden, b, e);
-    for (int r = 0; r < rows; r++)
-        for (int o = UNIT * b; o < UNIT * e; o++) j->h[(size_t)r * hidden + o] += j->mid[(size_t)r * hidden + o];
+    if (phase_open(&P[PHASE_DOWN], hidden / UNIT)) row_block_sums(j->act, rows, inter, sums);
+    FOR_CHUNKS(&P[PHASE_DOWN], c, hidden / UNIT) {
+        product_units(&L->down, j->act, inter, sums, rows, j->h, hidden, c, c + 1);
+        for (int r = 0; r < rows; r++)
+            for (int o = UNIT * c; o < UNIT * (c + 1); o++) j->h[(size_t)r * hidden + o] += j->mid[(size_t)r * hidden + o];
+    }
+    phase_wait(&P[PHASE_DOWN], hidden / UNIT);
 }
 
 /* One program step for `rows` new tokens h (rows, hidden), in place. The
@@ -410,7 +428,20 @@ int lean_step(const lean_model *m, int layer, float *h, int rows, float *keys, f
     const size_t private_floats = (size_t)rows * wide + (size_t)rows * (wide / 32 + 1) + (size_t)capacity + 8;
     float *scratch = malloc(sizeof(float) * (shared + private_floats * threads));
     if (!scratch) return -1;
-    step_job j = {m, &m->layer[layer], h, rows, capacity, start, first_key, window, keys, values, cos, sin};
+    step_job j;
+    memset(&j, 0, sizeof j);
+    j.m = m;
+    j.L = &m->layer[layer];
+    j.h = h;
+    j.rows = rows;
+    j.capacity = capacity;
+    j.start = start;
+    j.first_key = first_key;
+    j.window = window;
+    j.keys = keys;
+    j.values = values;
+    j.cos = cos;
+    j.sin = sin;
     j.q = scratch;
     j.k = j.q + (size_t)rows * qd;
     j.v = j.k + (size_t)rows * kvd;
@@ -426,6 +457,8 @@ int lean_step(const lean_model *m, int layer, float *h, int rows, float *keys, f
 
 /* ---- the LM head --------------------------------------------------------------- */
 
+#define HEAD_CHUNK 8  /* units of 32 outputs per chunk */
+
 typedef struct {
     const lean_model *m;
     const float *h;
@@ -433,18 +466,22 @@ typedef struct {
     float *logits;
     float *private_scratch;
     size_t private_floats;
+    phase done;
 } head_job;
 
 static void head_team(void *arg, int ith, int nth) {
-    const head_job *j = arg;
+    (void)nth;
+    head_job *j = arg;
     const lean_model *m = j->m;
-    const int hidden = m->hidden;
+    const int hidden = m->hidden, units = m->head.out / UNIT, chunks = (units + HEAD_CHUNK - 1) / HEAD_CHUNK;
     float *x = j->private_scratch + (size_t)ith * j->private_floats, *sums = x + (size_t)j->rows * hidden;
     for (int r = 0; r < j->rows; r++) rms_norm(j->h + (size_t)r * hidden, m->final_norm, hidden, m->eps, x + (size_t)r * hidden);
     row_block_sums(x, j->rows, hidden, sums);
-    int b, e;
-    split(m->head.out / UNIT, ith, nth, &b, &e);
-    product_units(&m->head, x, hidden, sums, j->rows, j->logits, m->head.out, b, e);
+    FOR_CHUNKS(&j->done, c, chunks) {
+        const int end = HEAD_CHUNK * (c + 1) < units ? HEAD_CHUNK * (c + 1) : units;
+        product_units(&m->head, x, hidden, sums, j->rows, j->logits, m->head.out, HEAD_CHUNK * c, end);
+    }
+    phase_wait(&j->done, chunks);
 }
 
 /* logits (rows, vocab) = rmsnorm(h) W_head^T. Returns 0, -1 when out of memory, -2 without a head. */
@@ -455,7 +492,14 @@ int lean_head(const lean_model *m, const float *h, int rows, float *logits, int 
     const size_t private_floats = (size_t)rows * (m->hidden + m->hidden / 32 + 1) + 8;
     float *scratch = malloc(sizeof(float) * private_floats * threads);
     if (!scratch) return -1;
-    head_job j = {m, h, rows, logits, scratch, private_floats};
+    head_job j;
+    memset(&j, 0, sizeof j);
+    j.m = m;
+    j.h = h;
+    j.rows = rows;
+    j.logits = logits;
+    j.private_scratch = scratch;
+    j.private_floats = private_floats;
     team_run(head_team, &j, threads);
     free(scratch);
     return 0;
