@@ -530,6 +530,7 @@ def model_status(lm: LoadedModel) -> str:
     params = info["parameters"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     codes = " · decoding on the GGUF codes" if lm.packing and lm.packing.packed else ""
+    codes += " with the lean C step" if lm.lean is not None and lm.lean.ready else ""
     return (f"**{info['name']}** · {info['family']} · {info['layers']} layers · hidden {info['hidden_size']} · "
             f"{size} parameters · {info['device']} / {info['dtype']}{codes}")
 

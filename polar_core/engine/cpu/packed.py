@@ -8,8 +8,9 @@ matrix-vector product then streams 4 bytes per weight from memory: that, not
 arithmetic, bounds decoding on a laptop CPU. This module finds the codes
 again in the float32 weights, accepts them only if they give back every
 weight exactly, and multiplies with them directly (`csrc/packed_linear.c`:
-0.75 byte per weight for Q4_1, 1.125 for Q8_0). `find_q4_codes` and
-`packed_layout` are the torch reference of the C `q4_pack`.
+0.625 byte per weight for Q4_1, 1.0625 for Q8_0, float16 scales as in the
+file). `find_q4_codes` and `packed_layout` are the torch reference of the C
+`q4_pack`.
 
 The model stays the same function with the same weights: the float32
 `weight` is kept (prompt passes longer than a format's `max_rows`, the logit lens
@@ -99,7 +100,7 @@ def packed_layout(q: Q4Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     codes = (halves[:, :, 0, :] | (halves[:, :, 1, :] << 4)).contiguous()  # (tile, in, 16)
 
     def per_tile(t: torch.Tensor) -> torch.Tensor:
-        return t.view(tiles, TILE, in_features // BLOCK).transpose(1, 2).contiguous()  # (tile, block, 32)
+        return t.view(tiles, TILE, in_features // BLOCK).transpose(1, 2).half().contiguous()  # (tile, block, 32)
 
     return codes, per_tile(q.scales), per_tile(q.mins)
 
@@ -170,8 +171,9 @@ class CodeFormat:
     def buffers(self, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tiles = out_features // self.tile
         codes = torch.empty(tiles, in_features, 16, dtype=self.code_dtype)  # 16 bytes per input per tile
-        scales = torch.empty(tiles, in_features // BLOCK, self.tile)
-        return codes, scales, torch.empty_like(scales) if self.has_mins else torch.empty(0)
+        # float16, as in the GGUF file: a product reads 0.625 byte per Q4_1 weight, not 0.75.
+        scales = torch.empty(tiles, in_features // BLOCK, self.tile, dtype=torch.float16)
+        return codes, scales, torch.empty_like(scales) if self.has_mins else torch.empty(0, dtype=torch.float16)
 
 
 # Tried in this order: the cheaper format first.

@@ -40,7 +40,8 @@ enum { FORMAT_Q4_1 = 0, FORMAT_Q8_0 = 1 };
 typedef struct {
     int32_t format, in, out, tile;
     const void *codes;
-    const float *scales, *mins, *bias; /* mins: Q4_1 only; bias may be NULL */
+    const uint16_t *scales, *mins; /* float16; mins: Q4_1 only */
+    const float *bias;             /* may be NULL */
 } lean_weight;
 
 typedef struct {
@@ -118,7 +119,7 @@ static void product_units(const lean_weight *w, const float *x, int ldx, const f
     if (w->format == FORMAT_Q4_1) {
         for (int t = u0; t < u1; t++) {
             const uint8_t *ct = (const uint8_t *)w->codes + (size_t)t * K * 16;
-            const float *st = w->scales + (size_t)t * K, *mt = w->mins + (size_t)t * K;
+            const uint16_t *st = w->scales + (size_t)t * K, *mt = w->mins + (size_t)t * K;
             for (int r = 0; r < rows; r += 2) {
                 const int pair = rows - r >= 2;
                 const float *xr[2] = {x + (size_t)r * ldx, x + (size_t)(r + pair) * ldx};
@@ -133,7 +134,7 @@ static void product_units(const lean_weight *w, const float *x, int ldx, const f
     } else {
         for (int t = 2 * u0; t < 2 * u1; t++) {
             const int8_t *c = (const int8_t *)w->codes + (size_t)t * K * 16;
-            const float *d = w->scales + (size_t)t * blocks * 16;
+            const uint16_t *d = w->scales + (size_t)t * blocks * 16;
             for (int r = 0; r < rows; r++) q8_tile(x + (size_t)r * ldx, K, c, d, y + (size_t)r * ldy + 16 * t);
         }
     }

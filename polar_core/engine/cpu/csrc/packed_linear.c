@@ -20,7 +20,7 @@
  * Q4_1 layout: outputs in tiles of 32;
  *   codes  [N/32][K][16] bytes: byte j of (tile t, input k) holds
  *          q[32t + j, k] in its low nibble and q[32t + 16 + j, k] in its high;
- *   scales, mins [N/32][K/32][32] floats.
+ *   scales, mins [N/32][K/32][32] float16 (as in the file: 2 bytes each, not 4).
  */
 #include <math.h>
 #include <stddef.h>
@@ -33,13 +33,18 @@
 #endif
 #include <immintrin.h>
 
+/* 8 float16 values (scales, minimums) widened to floats. */
+static inline __m256 half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+static inline uint16_t to_half(float v) { return _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+
 /* One tile (32 outputs) for ROWS input rows (1 or 2): the codes are widened
  * to floats once and used for every row. Each row's sums are split in SPLIT
  * partial sums: consecutive FMAs into one register would wait on each other's
  * latency. Inlined with constant ROWS and SPLIT, the arrays live in registers. */
 static inline __attribute__((always_inline)) void
 tile_product(const int ROWS, const int SPLIT, const float *const x[2], const float *const x_block_sums[2], int K,
-             const uint8_t *codes, const float *scales, const float *mins, float *const y[2]) {
+             const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, float *const y[2]) {
     const __m256i low_nibble = _mm256_set1_epi32(15);
     __m256 acc[2][4];
     for (int r = 0; r < ROWS; r++)
@@ -69,8 +74,8 @@ tile_product(const int ROWS, const int SPLIT, const float *const x[2], const flo
             for (int v = 0; v < 4; v++) {
                 __m256 codes_dot_x = part[r][0][v];
                 for (int u = 1; u < SPLIT; u++) codes_dot_x = _mm256_add_ps(codes_dot_x, part[r][u][v]);
-                acc[r][v] = _mm256_fmadd_ps(_mm256_loadu_ps(scales + 32 * b + 8 * v), codes_dot_x, acc[r][v]);
-                acc[r][v] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + 32 * b + 8 * v), x_sum, acc[r][v]);
+                acc[r][v] = _mm256_fmadd_ps(half8(scales + 32 * b + 8 * v), codes_dot_x, acc[r][v]);
+                acc[r][v] = _mm256_fmadd_ps(half8(mins + 32 * b + 8 * v), x_sum, acc[r][v]);
             }
         }
     }
@@ -98,13 +103,13 @@ static float *block_sums_of_rows(const float *x, int rows, int K) {
  * inside: a tile's codes (K * 16 bytes) come from memory once and stay in the
  * first-level cache for the other rows. */
 int q4_linear(const float *x, int rows, int K, int N, const uint8_t *codes,
-              const float *scales, const float *mins, float *y) {
+              const uint16_t *scales, const uint16_t *mins, float *y) {
     float *sums = block_sums_of_rows(x, rows, K);
     if (!sums) return -1;
     const int blocks = K / 32;
     for (int t = 0; t < N / 32; t++) {
         const uint8_t *ct = codes + (size_t)t * K * 16;
-        const float *st = scales + (size_t)t * K, *mt = mins + (size_t)t * K;
+        const uint16_t *st = scales + (size_t)t * K, *mt = mins + (size_t)t * K;
         for (int r = 0; r < rows; r += 2) {  /* rows in pairs: one widening of the codes serves two */
             const int pair = rows - r >= 2;
             const float *xr[2] = {x + (size_t)r * K, x + (size_t)(r + pair) * K};
@@ -130,7 +135,7 @@ static float to_half_and_back(float v) {
  * minimum, scale d = (max - min) / 15, both float16, codes round((w - m) / d).
  * Exactness is checked in double precision, where d * q + m has no rounding
  * (float16 d and m, 4-bit q), so the kernel multiplies by the very weights. */
-int q4_pack(const float *w, int N, int K, uint8_t *codes, float *scales, float *mins) {
+int q4_pack(const float *w, int N, int K, uint8_t *codes, uint16_t *scales, uint16_t *mins) {
     const int blocks = K / 32;
     memset(codes, 0, (size_t)N * K / 2);
     for (int n = 0; n < N; n++) {
@@ -150,8 +155,8 @@ int q4_pack(const float *w, int N, int K, uint8_t *codes, float *scales, float *
                 if ((double)scale * q + (double)low != (double)x[k]) return 0;
                 codes[((size_t)tile * K + 32 * b + k) * 16 + byte] |= (uint8_t)((int)q << shift);
             }
-            scales[((size_t)tile * blocks + b) * 32 + lane] = scale;
-            mins[((size_t)tile * blocks + b) * 32 + lane] = low;
+            scales[((size_t)tile * blocks + b) * 32 + lane] = to_half(scale);
+            mins[((size_t)tile * blocks + b) * 32 + lane] = to_half(low);
         }
     }
     return 1;
@@ -162,11 +167,11 @@ int q4_pack(const float *w, int N, int K, uint8_t *codes, float *scales, float *
  *     W[n, k] = d[n, b] * q[n, k],   b = k / 32,  q in -127..127, d float16.
  *
  * Layout: the outputs in tiles of 16; codes [N/16][K][16] signed bytes (byte j
- * of (tile t, input k) is q[16t + j, k]); scales [N/16][K/32][16]. */
+ * of (tile t, input k) is q[16t + j, k]); scales [N/16][K/32][16] float16. */
 
 /* One tile (16 outputs) of one input row: y[0..15] = sum_k W[16t + j, k] x[k]. */
 static inline __attribute__((always_inline)) void
-q8_tile(const float *xr, int K, const int8_t *c, const float *d, float *y) {
+q8_tile(const float *xr, int K, const int8_t *c, const uint16_t *d, float *y) {
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < K / 32; b++) {
         __m256 part[4][2];  /* four partial sums per output vector, for FMA latency */
@@ -183,7 +188,7 @@ q8_tile(const float *xr, int K, const int8_t *c, const float *d, float *y) {
         for (int v = 0; v < 2; v++) {
             __m256 codes_dot_x = _mm256_add_ps(_mm256_add_ps(part[0][v], part[1][v]),
                                                _mm256_add_ps(part[2][v], part[3][v]));
-            acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(d + 16 * b + 8 * v), codes_dot_x, acc[v]);
+            acc[v] = _mm256_fmadd_ps(half8(d + 16 * b + 8 * v), codes_dot_x, acc[v]);
         }
     }
     _mm256_storeu_ps(y, acc[0]);
@@ -191,11 +196,11 @@ q8_tile(const float *xr, int K, const int8_t *c, const float *d, float *y) {
 }
 
 int q8_linear(const float *x, int rows, int K, int N, const int8_t *codes,
-              const float *scales, const float *unused, float *y) {
+              const uint16_t *scales, const uint16_t *unused, float *y) {
     (void)unused;
     for (int t = 0; t < N / 16; t++) {
         const int8_t *c = codes + (size_t)t * K * 16;
-        const float *d = scales + (size_t)t * (K / 32) * 16;
+        const uint16_t *d = scales + (size_t)t * (K / 32) * 16;
         for (int r = 0; r < rows; r++)  /* the tile's codes stay in cache for the other rows */
             q8_tile(x + (size_t)r * K, K, c, d, y + (size_t)r * N + 16 * t);
     }
@@ -203,7 +208,7 @@ int q8_linear(const float *x, int rows, int K, int N, const int8_t *codes,
 }
 
 /* As q4_pack, for Q8_0: scale d = max |w| / 127 (float16), codes round(w / d). */
-int q8_pack(const float *w, int N, int K, int8_t *codes, float *scales, float *unused) {
+int q8_pack(const float *w, int N, int K, int8_t *codes, uint16_t *scales, uint16_t *unused) {
     (void)unused;
     const int blocks = K / 32;
     for (int n = 0; n < N; n++) {
@@ -220,7 +225,7 @@ int q8_pack(const float *w, int N, int K, int8_t *codes, float *scales, float *u
                 if ((double)scale * q != (double)x[k]) return 0;
                 codes[((size_t)tile * K + 32 * b + k) * 16 + lane] = (int8_t)q;
             }
-            scales[((size_t)tile * blocks + b) * 16 + lane] = scale;
+            scales[((size_t)tile * blocks + b) * 16 + lane] = to_half(scale);
         }
     }
     return 1;
