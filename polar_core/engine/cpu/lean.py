@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -106,6 +107,51 @@ def _norm(module: torch.nn.Module, size: int, keep: list) -> tuple[int, float] |
     return weight.data_ptr(), float(eps)
 
 
+class ThreadChoice:
+    """How many threads a lean pass uses: 1 or torch's thread count, whichever
+    has been faster lately.
+
+    Results do not depend on it (each output is one thread's sum in a fixed
+    order), only the time does: on a machine whose cores are busy with other
+    work, a second thread that loses its core for a while costs more than it
+    brings, and one thread is faster. One-token passes are timed (seconds per
+    program step, a moving average per count); every EXPLORE-th pass tries
+    the count not chosen, so the choice follows the machine's load. The
+    averages are the only state that changes after load; a lost update
+    between threads only delays the choice.
+    """
+
+    EXPLORE = 16
+    WEIGHT = 0.25  # of the newest timing in the moving average
+
+    def __init__(self):
+        self._cost: dict[int, float] = {}
+        self._passes = 0
+
+    def pick(self) -> int:
+        """The count for the next pass (now and then the other one, to keep its timing fresh)."""
+        most = torch.get_num_threads()
+        if most <= 1:
+            return 1
+        self._passes += 1
+        for n in (most, 1):
+            if n not in self._cost:
+                return n
+        best = self.best()
+        return (1 if best == most else most) if self._passes % self.EXPLORE == 0 else best
+
+    def best(self) -> int:
+        """The count that has been faster lately (torch's thread count until both are timed)."""
+        most = torch.get_num_threads()
+        if most <= 1 or most not in self._cost or 1 not in self._cost:
+            return most
+        return most if self._cost[most] <= self._cost[1] else 1
+
+    def record(self, threads: int, seconds_per_step: float) -> None:
+        old = self._cost.get(threads)
+        self._cost[threads] = seconds_per_step if old is None else old + self.WEIGHT * (seconds_per_step - old)
+
+
 class LeanDecoding:
     """Whether, and how, this model decodes with the lean step (see the module docstring).
 
@@ -125,6 +171,7 @@ class LeanDecoding:
         # A PackedLinear of the model: inside packed.float32_products it is a
         # plain Linear again, and decoding then takes the float32 reference path.
         self._sentinel = sentinel
+        self.threads = ThreadChoice()
 
     @property
     def ready(self) -> bool:
@@ -158,7 +205,8 @@ class LeanDecoding:
         rope = {kind: (cos.contiguous(), sin.contiguous())
                 for kind, (cos, sin) in adapter.position_embeddings(hidden, positions).items()}
         like = hidden.new_empty((1, self._kv_heads, 0, self._head_dim))
-        threads = torch.get_num_threads()
+        threads = self.threads.pick()
+        started = time.perf_counter()
         step = self._library.lean_step
         model, h = ctypes.byref(self._model), hidden.data_ptr()
         for k, layer in enumerate(path):
@@ -172,6 +220,8 @@ class LeanDecoding:
                 snapshots.append(hidden.clone())
             elif capture == "last":
                 snapshots.append(hidden[:, -1].clone())
+        if rows == 1 and not capture:
+            self.threads.record(threads, (time.perf_counter() - started) / len(path))
         cache.length += rows
         return hidden, snapshots
 
@@ -183,7 +233,7 @@ class LeanDecoding:
         h = hidden.contiguous()
         out = torch.empty(h.shape[0], self._vocab)
         if self._library.lean_head(ctypes.byref(self._model), h.data_ptr(), h.shape[0], out.data_ptr(),
-                                   torch.get_num_threads()):
+                                   self.threads.best()):
             raise MemoryError("lean head: out of memory")
         return out
 

@@ -305,3 +305,19 @@ def test_lean_step_on_the_real_model_gives_the_reference_tokens(real_lm, lean_ca
     cached = generate(real_lm, prompt, loop, max_new_tokens=12, stopping=NO_EOS)[0]
     assert cached.token_ids == generate(real_lm, prompt, loop, max_new_tokens=12, use_cache=False,
                                         stopping=NO_EOS)[0].token_ids
+
+
+def test_the_thread_count_follows_the_faster_one_and_keeps_trying_the_other(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    choice = lean_module.ThreadChoice()
+    assert choice.pick() == 2 and choice.best() == 2  # untimed: torch's count first
+    choice.record(2, 3e-4)
+    assert choice.pick() == 1  # then the other, once
+    choice.record(1, 1e-4)  # one thread faster (a busy machine)
+    picks = [choice.pick() for _ in range(4 * choice.EXPLORE)]
+    assert choice.best() == 1 and picks.count(2) == 4 and picks.count(1) == 4 * choice.EXPLORE - 4
+    for _ in range(20):
+        choice.record(2, 5e-5)  # the machine got quiet: two threads win again
+    assert choice.best() == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert choice.pick() == 1
