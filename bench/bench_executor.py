@@ -12,6 +12,7 @@ load hits every variant alike. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,9 @@ def _load_time_in_fresh_process() -> float:
 def _machine(lm) -> str:
     if lm.device.type == "cuda":
         return torch.cuda.get_device_name(lm.device)
-    return f"{torch.get_num_threads()} CPU threads"
+    from polar_core.engine.cpu.layout import cpuinfo_field
+
+    return f"{torch.get_num_threads()} CPU threads ({cpuinfo_field('model name') or 'CPU'})"
 
 
 def main() -> None:
@@ -116,6 +119,9 @@ def main() -> None:
         return lambda: generate(lm, batch, program, max_new_tokens=NEW_TOKENS, stopping=Stopping(at_eos=stop_at_eos))[0].token_ids
 
     variants = {"hf_generate": hf, "identity": ours(full), "half": ours(half, stop_at_eos=False)}
+    if lm.lean is not None and lm.lean.ready:  # the same model, every pass through transformers' layers
+        reference = dataclasses.replace(lm, lean=None)
+        variants["identity_reference"] = lambda: generate(reference, batch, full, max_new_tokens=NEW_TOKENS)[0].token_ids
     for fn in variants.values():  # warm-up
         fn()
     times = {name: [] for name in variants}
@@ -134,6 +140,9 @@ def main() -> None:
         ("identity program, 64 tokens", f"{med['identity']:.3f} s", f"{med['identity'] / med['hf_generate']:.2f} × generate"),
         (f"half program `{half.format()}`", f"{med['half']:.3f} s", f"{med['half'] / med['identity']:.2f} × identity"),
     ]
+    if "identity_reference" in med:
+        rows.insert(2, ("identity program, transformers' layers (lean step off)", f"{med['identity_reference']:.3f} s",
+                        f"{med['identity_reference'] / med['identity']:.2f} × identity"))
     if loads:
         rows.append(("second model load (median of 3)", f"{statistics.median(loads):.2f} s", "target ≤ 5 s"))
     lines = [
@@ -142,7 +151,7 @@ def main() -> None:
         f"Command: `python bench/bench_executor.py {' '.join(sys.argv[1:])}`",
         f"Machine: {_machine(lm)}, torch {torch.__version__}, {str(lm.dtype).replace('torch.', '')}, "
         f"{lm_name} ({lm.num_layers} layers); prompt {batch.input_ids.shape[1]} tokens; "
-        f"greedy; medians of {args.repeats} interleaved repeats.",
+        f"greedy; medians of {args.repeats} interleaved repeats; decoding: {lm.lean or 'transformers layers'}.",
         "",
         "| what | median time | ratio |",
         "|---|---|---|",
