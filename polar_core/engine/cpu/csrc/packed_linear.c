@@ -32,6 +32,11 @@
 #error "the packed kernels need AVX2, FMA and F16C"
 #endif
 #include <immintrin.h>
+/* Codes are fetched this many bytes ahead (8 blocks of 32 inputs): the
+ * weights stream from memory once per token, and the hardware prefetcher
+ * alone left ~7% on the table on the development host (thread CPU time). A
+ * prefetch past the end of a buffer is harmless: it never faults. */
+#define PREFETCH 4096
 
 /* 8 float16 values (scales, minimums) widened to floats. */
 static inline __m256 half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
@@ -54,6 +59,10 @@ tile_product(const int ROWS, const int SPLIT, const float *const x[2], const flo
         for (int r = 0; r < ROWS; r++)
             for (int u = 0; u < SPLIT; u++)
                 for (int v = 0; v < 4; v++) part[r][u][v] = _mm256_setzero_ps();
+        for (int line = 0; line < 512; line += 64)
+            _mm_prefetch((const char *)(codes + (size_t)(32 * b) * 16 + PREFETCH + line), _MM_HINT_T0);
+        _mm_prefetch((const char *)(scales + 32 * b) + PREFETCH / 8, _MM_HINT_T0);
+        _mm_prefetch((const char *)(mins + 32 * b) + PREFETCH / 8, _MM_HINT_T0);
         for (int k = 32 * b; k < 32 * b + 32; k += SPLIT) {
             for (int u = 0; u < SPLIT; u++) {
                 __m128i raw = _mm_loadu_si128((const __m128i *)(codes + (size_t)(k + u) * 16));
@@ -176,6 +185,9 @@ q8_tile(const float *xr, int K, const int8_t *c, const uint16_t *d, float *y) {
     for (int b = 0; b < K / 32; b++) {
         __m256 part[4][2];  /* four partial sums per output vector, for FMA latency */
         for (int u = 0; u < 4; u++) part[u][0] = part[u][1] = _mm256_setzero_ps();
+        for (int line = 0; line < 512; line += 64)
+            _mm_prefetch((const char *)(c + (size_t)(32 * b) * 16 + PREFETCH + line), _MM_HINT_T0);
+        _mm_prefetch((const char *)(d + 16 * b) + PREFETCH / 16, _MM_HINT_T0);
         for (int k = 32 * b; k < 32 * b + 32; k += 4) {
             for (int u = 0; u < 4; u++) {
                 __m128i raw = _mm_loadu_si128((const __m128i *)(c + (size_t)(k + u) * 16));
