@@ -47,18 +47,34 @@ def _right_items(lm, families, n):
                 yield item, text, trace
 
 
-def lesson_skip(lm) -> dict:
-    """The most ShortGPT layers that can go with the answer unchanged (n >= 2)."""
+def _right_items_by_id(lm, item_ids):
+    full = Program.full(lm.num_layers)
+    for item in (tasks.get_item(i) for i in item_ids):
+        text, trace = _answer(lm, tasks.build_prompt(item), full)
+        if check_answer(text, item):
+            yield item, text, trace
+
+
+def lesson_skip(lm, like: str | None = None) -> dict:
+    """The most ShortGPT layers that can go with the answer unchanged; with
+    `like` (another model's lesson item), that item's prompt when this model
+    answers it right, so the two models' lessons compare directly."""
     red = load_redundancy(lm.name)
     best = None
-    for item, text, _ in _right_items(lm, SKIP_FAMILIES, 6):
+    candidates = _right_items(lm, SKIP_FAMILIES, 6)
+    if like is not None:
+        preferred = list(_right_items_by_id(lm, [like]))
+        candidates = preferred or candidates
+    for item, text, _ in candidates:
         prompt = tasks.build_prompt(item)
-        for n in range(2, 13):
+        for n in range(1, 13):
             program = shortgpt_program(red, n)
             if _answer(lm, prompt, program)[0] != text:
                 break
             if best is None or n > best[0]:
                 best = (n, item, text, program)
+    if best is None:
+        raise RuntimeError("no right answer survived skipping even one layer")
     n, item, text, program = best
     bi = [round(float(red.block_influence[i]), 4) for i in program.skipped_layers()]
     return dict(
@@ -153,14 +169,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=LEARN_FILE)
+    parser.add_argument("--like", type=Path, default=None,
+                        help="another model's lessons: reuse their items where this model answers them right")
     args = parser.parse_args(argv)
     lm = load_model(args.model)
     started = time.perf_counter()
+    like = {ex["kind"]: ex["facts"]["item"] for ex in json.loads(args.like.read_text())["examples"]} if args.like else {}
     examples = []
     for lesson in (lesson_skip, lesson_break, lesson_fix, lesson_emerge):
-        examples.append(lesson(lm))
+        examples.append(lesson(lm, like=like.get("skip")) if lesson is lesson_skip else lesson(lm))
         print(f"{examples[-1]['kind']:7s} {examples[-1]['facts']}", flush=True)
-    data = {"command": "python -m app.curate_examples" + (f" --model {args.model}" if args.model != DEFAULT_MODEL else ""),
+    data = {"command": "python -m app.curate_examples " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": args.model, "seconds": round(time.perf_counter() - started, 1), "examples": examples}
     args.out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

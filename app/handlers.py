@@ -346,7 +346,7 @@ def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_
     # away: Gradio cannot interrupt a handler that is already running.
     stopping = Stopping(strings=style.stop_strings, time_limit_s=limits.request_seconds, should_stop=should_stop)
     try:
-        trace = generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens),
+        trace = generate(lm, [style.text(prompt)], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens),
                          stopping=stopping, chat=style.chat, capture="last",
                          max_prompt_tokens=limits.max_prompt_tokens, drafts=drafts,
                          on_tokens=_text_so_far(lm, style, on_text))[0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from polar_core.engine.adapter import UnsupportedModelError
 from polar_core.engine.generate import Trace
-from polar_core.engine.models import DEFAULT_MODEL, LoadedModel, load_model
+from polar_core.engine.models import DEFAULT_MODEL, LoadedModel, installed_models, load_model
 
 MODELS_ENV = "POLAR_MODELS"  # comma-separated allow-list of model specs
 ANY_MODEL_ENV = "POLAR_ALLOW_ANY_MODEL"  # "1": any hub id may be typed in
@@ -27,10 +27,10 @@ class InputError(ValueError):
 
 
 def allowed_models() -> list[str]:
-    """The allow-list from $POLAR_MODELS (default: just the embedded default model)."""
+    """The allow-list from $POLAR_MODELS (default: the embedded models installed here, SmolLM2 first)."""
     raw = os.environ.get(MODELS_ENV, "")
     specs = [s.strip() for s in raw.split(",") if s.strip()]
-    return list(dict.fromkeys(specs)) or [DEFAULT_MODEL]
+    return list(dict.fromkeys(specs)) or installed_models() or [DEFAULT_MODEL]
 
 
 def any_model_allowed() -> bool:

@@ -6,6 +6,7 @@ will not load) into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -50,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     style = _style(lm, args.prompt, args.plain)
     # Each program runs alone so that its time is its own.
     traces = {
-        label: generate(lm, [args.prompt], p, max_new_tokens=args.max_new_tokens, chat=style.chat,
+        label: generate(lm, [style.text(args.prompt)], p, max_new_tokens=args.max_new_tokens, chat=style.chat,
                         stopping=Stopping(strings=style.stop_strings))[0]
         for label, p in (("program", program), ("full", Program.full(lm.num_layers)))
     }
@@ -73,8 +74,9 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     style = _style(lm, args.prompt, args.plain)
     run = dict(max_new_tokens=args.max_new_tokens, chat=style.chat, capture="last",
                stopping=Stopping(strings=style.stop_strings))
-    base = generate(lm, [args.prompt], None, **run)[0]
-    trace = base if program.is_full else generate(lm, [args.prompt], program, **run)[0]
+    text = style.text(args.prompt)
+    base = generate(lm, [text], None, **run)[0]
+    trace = base if program.is_full else generate(lm, [text], program, **run)[0]
     result = analyze(lm, trace, base, expected=args.expected or None, k=args.k)
     print(f"program [{program.format()}]: {program.layer_calls} steps; answer: {shown_answer(trace.text, style)!r}")
     if not program.is_full:
@@ -168,10 +170,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     # The held-out-family router repeats the shipped router's training recipe (training.json).
     recipe_file = Path(router_dir) / "training.json"
     recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
-    tables = run_evaluation(lm, router, split=args.split, test_samples=test, train_samples=train,
-                            ood_family=args.ood_family, k=args.k, per_family=args.per_family or None,
-                            epochs=args.epochs or recipe.get("epochs", 40), seed=recipe.get("seed", args.seed),
-                            lr=recipe.get("lr", 1e-3), fallback=args.fallback)
+    with _ray_pool(args) as pool:
+        tables = run_evaluation(lm, router, split=args.split, test_samples=test, train_samples=train,
+                                ood_family=args.ood_family, k=args.k, per_family=args.per_family or None,
+                                epochs=args.epochs or recipe.get("epochs", 40), seed=recipe.get("seed", args.seed),
+                                lr=recipe.get("lr", 1e-3), fallback=args.fallback, pool=pool)
     header = (f"Command: `python -m polar_core {shlex.join(args.argv)}`\n\n"
               f"Model: {lm.name} ({lm.num_layers} layers, {lm.device}); router: `{router_dir}` "
               f"({router.num_parameters():,} parameters, features at layer {router.config.feature_layer}).\n")
@@ -194,9 +197,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     items = [it for f in families for it in tasks.sample_items(f, args.per_family or None, args.split)]
     methods = ["mcts", "greedy"] if args.method == "both" else [args.method]
     started = time.perf_counter()
-    with _TwoStageBars(len(items) * len(methods)) as bars:
-        records = search_task_items(lm, items, methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
-                                    progress=bars.search, check_progress=bars.check)
+    settings = dict(methods=methods, budget=args.budget, seed=args.seed, wave=args.wave)
+    with _TwoStageBars(len(items) * len(methods)) as bars, _ray_pool(args) as pool:
+        if pool is None:
+            records = search_task_items(lm, items, **settings, progress=bars.search, check_progress=bars.check)
+        else:  # a bar of items, as chunks come back from the workers (searched and checked there)
+            bars.searches.reset(total=len(items))
+            records = pool.search_task_items(items, chunk=args.chunk, progress=bars.search, **settings)
     seconds = time.perf_counter() - started
     by_id = {it.id: it for it in items}
     samples = [
@@ -221,6 +228,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(f"{key:28s} {stats[key]}")
     print(f"wrote {out} and {stats_path}")
     return 0
+
+
+def _ray_pool(args: argparse.Namespace):
+    """The Ray workers of --ray/--workers, as a context manager (None without --ray)."""
+    if args.ray is None:
+        return contextlib.nullcontext(None)
+    from polar_core.study import distributed  # Ray is a heavy optional dependency: imported only with --ray
+
+    address = None if args.ray == "local" else args.ray
+    return distributed.WorkerPool(distributed.RaySettings(address=address, workers=args.workers, model=args.model,
+                                                          device=args.device, dtype=getattr(args, "dtype", None)))
+
+
+def _add_ray_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="spread the work over Ray workers: a cluster address (HOST:PORT, auto), or none "
+                             "for a local Ray started for this run")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers, each holding one model (with --ray)")
 
 
 class _TwoStageBars:
@@ -254,8 +279,9 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     report = measure_full_accuracy(lm, args.families, args.per_family or None, args.split, args.shots,
                                    args.batch_size)
     report = {"command": "python -m polar_core " + shlex.join(args.argv), **report}
-    Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out = Path(args.out) if args.out else tasks.baseline_path(lm.name)
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 
@@ -325,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fallback", action="store_true", help="add top-1 with a full-program fallback tuned on val")
     ev.add_argument("--out", default=None, help="markdown file to write")
     _add_model_args(ev)
+    _add_ray_args(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     search = commands.add_parser("search", help="search valid programs for task items; write supervision JSON")
@@ -340,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", required=True, help="supervision JSON to write")
     search.add_argument("--stats", default=None, help="statistics JSON (default: OUT with .stats.json)")
     search.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the model's default)")
+    search.add_argument("--chunk", type=int, default=16, help="items per Ray work unit (with --ray)")
     _add_model_args(search)
+    _add_ray_args(search)
     search.set_defaults(func=_cmd_search)
 
     base = commands.add_parser("baseline", help="the full program's accuracy per task family (JSON report)")
@@ -349,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--split", choices=tasks.SPLITS, default=None, help="sample from one split only (default: all)")
     base.add_argument("--shots", type=int, default=3)
     base.add_argument("--batch-size", type=int, default=16)
-    base.add_argument("--out", default=str(tasks.BASELINE_FILE))
+    base.add_argument("--out", default=None, help="JSON file (default: the model's file in polar_core/assets/baselines/)")
     _add_model_args(base)
     base.set_defaults(func=_cmd_baseline)
 

@@ -154,11 +154,12 @@ def _search_method(lm: LoadedModel, method: str, targets: Sequence[Target], seen
 def _verify(lm: LoadedModel, items, answers, right, seen: list[_Seen], shots: int, recheck_invalid: int, seed: int,
             check_progress) -> list[ItemRecord]:
     """Decode every teacher-forced valid program (and a sample of invalid ones) to keep only the truly valid."""
-    rng = random.Random(seed)
     shortest_first = lambda p: (len(p), p)  # noqa: E731
     tf_valid = [sorted((p for p in s.order if s.verdicts[p]), key=shortest_first) for s in seen]
     tf_invalid = [sorted((p for p in s.order if not s.verdicts[p]), key=shortest_first) for s in seen]
-    recheck = [rng.sample(bad, min(recheck_invalid, len(bad))) for bad in tf_invalid]
+    # One generator per item: an item's sample does not depend on the items searched with it.
+    recheck = [random.Random(f"{seed}/{item.id}").sample(bad, min(recheck_invalid, len(bad)))
+               for item, bad in zip(items, tf_invalid)]
     depth = lm.num_layers
     pairs = [(i, p) for i in range(len(items)) for p in (*tf_valid[i], *recheck[i])]
     verdicts = decode_many(lm, [(items[i], Program(p, depth)) for i, p in pairs], shots=shots, progress=check_progress)
@@ -257,16 +258,17 @@ class PromptSearch:
     stopped: bool = False  # cut short (time limit or cancel): partial results
 
 
-def prompt_scorer(lm: LoadedModel, prompt_ids: Sequence[int], expected: str, few_shot: bool):
-    """Scores programs on one prompt: teacher forcing for few-shot prompts (an
-    answer line that ends in a newline: fast, prefixes shared); decoding and
-    the checker otherwise (free text has no fixed continuation)."""
-    if few_shot:
+def prompt_scorer(lm: LoadedModel, prompt_ids: Sequence[int], expected: str, line_answer: bool,
+                  stop_strings: Sequence[str] = ()):
+    """Scores programs on one prompt: teacher forcing when the answer is one
+    line (few-shot prompts, a base model's "Answer:"; fast, prefixes shared);
+    decoding and the checker otherwise (a chat answer has no fixed continuation)."""
+    if line_answer:
         stops = line_end_ids(lm.tokenizer) | eos_token_ids(lm)
         return make_scorer(lm, Target(prompt_ids, expected_token_ids(lm, prompt_ids, expected), stops))
 
     def decode(programs):
-        traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=())
+        traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=tuple(stop_strings))
         return [check_answer(t.text, expected) for t in traces]
 
     return decode
@@ -286,8 +288,8 @@ def find_programs(lm: LoadedModel, prompt: str, expected: str, *, method: str = 
     if not expected.strip():
         raise SearchError("a search needs an expected answer: a program is valid when it produces it")
     style = prompt_style(lm, prompt)
-    ids = encode_prompts(lm, [prompt], chat=style.chat).input_ids[0].tolist()
-    scorer = prompt_scorer(lm, ids, expected, style.few_shot)
+    ids = encode_prompts(lm, [style.text(prompt)], chat=style.chat).input_ids[0].tolist()
+    scorer = prompt_scorer(lm, ids, expected, line_answer=bool(style.stop_strings), stop_strings=style.stop_strings)
     search = make_search(method, lm.num_layers, budget=budget, seed=0)
     stopped = False
     while programs := search.ask():
