@@ -37,7 +37,6 @@ from polar_core.engine.cache import StepCache
 from polar_core.engine.cpu import packed
 
 SOURCE = Path(__file__).parent / "csrc" / "lean_step.c"
-FLAGS = (*packed._FLAGS, "-pthread")
 LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MAX_ROWS = 16  # new tokens per pass (a draft check): at most the Q4_1 codes' max_rows
 UNIT = 32  # outputs per unit of work in the C code: every product's outputs are whole units
@@ -67,12 +66,13 @@ class _Model(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=None)
-def load_library(cache_dir: Path) -> tuple[ctypes.CDLL | None, str]:
-    """(the compiled lean step or None, why not) for this CPU."""
+def load_library(cache_dir: Path, avx512: bool | None = None) -> tuple[ctypes.CDLL | None, str]:
+    """(the compiled lean step or None, why not) for this CPU (see packed.compile_flags)."""
     try:
-        library = packed.build_library(cache_dir, SOURCE, FLAGS)
+        library = packed.build_library(cache_dir, SOURCE, (*packed.compile_flags(avx512), "-pthread"))
     except OSError as err:
         return None, f"no lean step ({err})"
+    library.lean_vector_width.restype = ctypes.c_int
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     library.lean_step.argtypes = [pointer, integer, pointer, integer, pointer, pointer, integer, integer, integer,
                                   integer, pointer, pointer, integer]
@@ -320,8 +320,10 @@ def _check_layer_zero(lean: LeanDecoding, adapter: Adapter) -> str:
     return ""
 
 
-def lean_decoding(model: torch.nn.Module, adapter: Adapter, cache_dir: Path) -> LeanDecoding:
-    """Decide once, at load, whether this model decodes with the lean step; the result says why not."""
+def lean_decoding(model: torch.nn.Module, adapter: Adapter, cache_dir: Path, *,
+                  avx512: bool | None = None) -> LeanDecoding:
+    """Decide once, at load, whether this model decodes with the lean step; the
+    result says why not. `avx512=False` keeps the C code to AVX2 (see packed.compile_flags)."""
     if os.environ.get("POLAR_LEAN", "1") == "0":
         return LeanDecoding("lean step off (POLAR_LEAN=0)")
     param = next(model.parameters())
@@ -331,7 +333,7 @@ def lean_decoding(model: torch.nn.Module, adapter: Adapter, cache_dir: Path) -> 
     described = _describe(model, adapter, keep)
     if isinstance(described, str):
         return LeanDecoding(f"no lean step: {described}")
-    library, why_not = load_library(cache_dir)
+    library, why_not = load_library(cache_dir, avx512)
     if library is None:
         return LeanDecoding(why_not)
     description, has_head = described
@@ -339,7 +341,8 @@ def lean_decoding(model: torch.nn.Module, adapter: Adapter, cache_dir: Path) -> 
     heads = config.num_key_value_heads or config.num_attention_heads
     shape = (heads, description.head_dim, adapter.lm_head.out_features if has_head else 0)
     sentinel = adapter.layers[0].self_attn.q_proj
-    lean = LeanDecoding("lean decode step (C, one call per program step)", library, description, keep,
+    vectors = "AVX-512" if library.lean_vector_width() == 16 else "AVX2"
+    lean = LeanDecoding(f"lean decode step (C, one call per program step, {vectors})", library, description, keep,
                         adapter.layer_types, adapter.sliding_window, shape, sentinel)
     problem = _check_layer_zero(lean, adapter)
     return LeanDecoding(f"no lean step: {problem}") if problem else lean

@@ -110,6 +110,14 @@ def packed_layout(q: Q4Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 
+def compile_flags(avx512: bool | None = None) -> tuple[str, ...]:
+    """Compiler flags for this CPU. The C code uses AVX-512 where the CPU has it;
+    `avx512=False` (default: POLAR_AVX512=0) keeps it to AVX2."""
+    if avx512 is None:
+        avx512 = os.environ.get("POLAR_AVX512", "1") != "0"
+    return _FLAGS if avx512 else (*_FLAGS, "-DPOLAR_NO_AVX512")
+
+
 def _library_path(cache_dir: Path, source: Path = SOURCE, flags: tuple[str, ...] = _FLAGS) -> Path:
     """Where the library built from `source` for this CPU is cached; the name
     hashes every C file beside it (a source may include another)."""
@@ -188,10 +196,10 @@ class Kernel:
 
 
 @functools.lru_cache(maxsize=None)
-def load_kernel(cache_dir: Path) -> tuple[Kernel | None, str]:
-    """(the compiled kernels or None, why not) for this CPU."""
+def load_kernel(cache_dir: Path, avx512: bool | None = None) -> tuple[Kernel | None, str]:
+    """(the compiled kernels or None, why not) for this CPU (see compile_flags)."""
     try:
-        library = build_library(cache_dir)
+        library = build_library(cache_dir, SOURCE, compile_flags(avx512))
     except OSError as err:
         return None, f"no packed kernel ({err}); float32 weights"
     pointer, integer = ctypes.c_void_p, ctypes.c_int

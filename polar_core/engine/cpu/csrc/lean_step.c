@@ -126,9 +126,9 @@ static void product_units(const lean_weight *w, const float *x, int ldx, const f
                 const float *sr[2] = {sums + (size_t)r * blocks, sums + (size_t)(r + pair) * blocks};
                 float *yr[2] = {y + (size_t)r * ldy + 32 * t, y + (size_t)(r + pair) * ldy + 32 * t};
                 if (pair)
-                    tile_product(2, 1, xr, sr, K, ct, st, mt, yr);
+                    TILE_PRODUCT(2, 1, xr, sr, K, ct, st, mt, yr);
                 else
-                    tile_product(1, 2, xr, sr, K, ct, st, mt, yr);
+                    TILE_PRODUCT(1, 2, xr, sr, K, ct, st, mt, yr);
             }
         }
     } else {
@@ -272,6 +272,15 @@ static void team_run(team_fn fn, void *job, int nth) {
         if ((i & 1023) == 0) sched_yield();
     }
     pthread_mutex_unlock(&team.busy);
+}
+
+/* Floats per vector of the products: 16 with AVX-512, 8 with AVX2 (for the status line). */
+int lean_vector_width(void) {
+#if defined(__AVX512F__) && !defined(POLAR_NO_AVX512)
+    return 16;
+#else
+    return 8;
+#endif
 }
 
 /* ---- one step ------------------------------------------------------------------ */

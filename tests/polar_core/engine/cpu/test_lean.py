@@ -114,9 +114,14 @@ def test_lean_greedy_tokens_equal_the_reference_path(lean_lm, lean_calls, text):
 @needs_kernel
 @pytest.mark.parametrize("text", ["0-2", "0, 1x2, 2", "2, 0, 1"])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_a_lean_pass_computes_what_the_transformers_layers_compute(lean_lm, text, rows):
+@pytest.mark.parametrize("avx512", [None, False])  # as loaded (AVX-512 where the CPU has it), and AVX2
+def test_a_lean_pass_computes_what_the_transformers_layers_compute(lean_lm, kernel_dir, text, rows, avx512):
     """Hidden states, logits and the KV slots after one cached pass of 1 or 4
     tokens (a draft check), from the same cache."""
+    if avx512 is False:
+        lean_lm = dataclasses.replace(lean_lm, lean=lean_decoding(lean_lm.model, lean_lm.adapter, kernel_dir,
+                                                                  avx512=False))
+        assert "AVX2" in lean_lm.lean.note
     program = Program.parse(text, lean_lm.num_layers)
     batch = _batch()
     width = batch.input_ids.shape[1]

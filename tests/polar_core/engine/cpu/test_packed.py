@@ -65,10 +65,11 @@ def test_constant_blocks_have_zero_scales():
 
 
 @needs_kernel
+@pytest.mark.parametrize("avx512", [True, False])  # the AVX-512 code where the CPU has it, and the AVX2 code
 @pytest.mark.parametrize("grid, code_format", [(q4_grid, "q4_1"), (q8_grid, "q8_0")])
-def test_kernel_multiplies_by_the_very_same_weights(kernel_dir, grid, code_format):
+def test_kernel_multiplies_by_the_very_same_weights(kernel_dir, grid, code_format, avx512):
     """Unit rows pick out single weights: the kernel's product gives each back exactly."""
-    kernel, why_not = packed.load_kernel(kernel_dir)
+    kernel, why_not = packed.load_kernel(kernel_dir, avx512)
     assert kernel is not None, why_not
     weight = grid(torch.randn(96, 64) * 0.05)
     name, tensors = packed.pack_weight(kernel, weight)
