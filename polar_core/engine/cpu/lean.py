@@ -160,8 +160,11 @@ class LeanDecoding:
     """
 
     def __init__(self, note: str, library=None, model: _Model | None = None, keep=(), layer_types=(),
-                 sliding_window: int | None = None, shape=(0, 0, 0), sentinel=None):
+                 sliding_window: int | None = None, shape=(0, 0, 0), sentinel=None, vectors: str = "",
+                 switched_off: bool = False):
         self.note = note
+        self.vectors = vectors  # "AVX-512" or "AVX2" when ready
+        self.switched_off = switched_off  # POLAR_LEAN=0 (said in the status line)
         self._library = library
         self._model = model
         self._keep = list(keep)  # tensors whose memory the C structs point into
@@ -325,7 +328,7 @@ def lean_decoding(model: torch.nn.Module, adapter: Adapter, cache_dir: Path, *,
     """Decide once, at load, whether this model decodes with the lean step; the
     result says why not. `avx512=False` keeps the C code to AVX2 (see packed.compile_flags)."""
     if os.environ.get("POLAR_LEAN", "1") == "0":
-        return LeanDecoding("lean step off (POLAR_LEAN=0)")
+        return LeanDecoding("lean step off (POLAR_LEAN=0)", switched_off=True)
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
         return LeanDecoding(f"no lean step on {param.device.type} / {str(param.dtype).replace('torch.', '')}")
@@ -343,6 +346,6 @@ def lean_decoding(model: torch.nn.Module, adapter: Adapter, cache_dir: Path, *,
     sentinel = adapter.layers[0].self_attn.q_proj
     vectors = "AVX-512" if library.lean_vector_width() == 16 else "AVX2"
     lean = LeanDecoding(f"lean decode step (C, one call per program step, {vectors})", library, description, keep,
-                        adapter.layer_types, adapter.sliding_window, shape, sentinel)
+                        adapter.layer_types, adapter.sliding_window, shape, sentinel, vectors)
     problem = _check_layer_zero(lean, adapter)
     return LeanDecoding(f"no lean step: {problem}") if problem else lean

@@ -5,6 +5,7 @@ real model; the executor's invariants still hold with it."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from pathlib import Path
 
@@ -153,41 +154,57 @@ def _copy(cache):
     return copy
 
 
+# The executor's invariants, on the lean step and on the reference path
+# (the same model with the lean step off, as POLAR_LEAN=0 loads it).
+PATHS = ("lean", "reference")
+
+
+def on_path(lm, path: str):
+    return lm if path == "lean" else reference(lm)
+
+
 @needs_kernel
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("text", ["0-1, 2x3", "0-2, 1-2", "0, 1-2x2"])
-def test_cached_lean_decoding_equals_recomputation_with_loops(lean_lm, lean_calls, text):
-    program = Program.parse(text, lean_lm.num_layers)
-    cached = generate(lean_lm, _batch(), program, max_new_tokens=16, stopping=NO_EOS)[0]
-    recomputed = generate(lean_lm, _batch(), program, max_new_tokens=16, use_cache=False, stopping=NO_EOS)[0]
-    assert any(lean_calls)
+def test_cached_decoding_equals_recomputation_with_loops(lean_lm, lean_calls, text, path):
+    lm = on_path(lean_lm, path)
+    program = Program.parse(text, lm.num_layers)
+    cached = generate(lm, _batch(), program, max_new_tokens=16, stopping=NO_EOS)[0]
+    recomputed = generate(lm, _batch(), program, max_new_tokens=16, use_cache=False, stopping=NO_EOS)[0]
+    assert sum(lean_calls) == (15 if path == "lean" else 0)
     assert cached.token_ids == recomputed.token_ids
 
 
 @needs_kernel
-def test_per_row_programs_in_a_batch_equal_each_alone_on_the_lean_step(lean_lm, lean_calls):
-    """A batch takes the transformers layers, each row alone the lean step: same tokens."""
+@pytest.mark.parametrize("path", PATHS)
+def test_per_row_programs_in_a_batch_equal_each_alone(lean_lm, lean_calls, path):
+    """A batch takes the transformers layers; each row alone the lean step on
+    the lean path: the same tokens either way."""
+    lm = on_path(lean_lm, path)
     texts = ["0-2", "0, 2", "0-2, 1-2"]
     rows = [PROMPT, [3, 4, 5], [9, 8, 7, 6, 5]]
-    programs = [Program.parse(t, lean_lm.num_layers) for t in texts]
-    together = generate(lean_lm, _batch(rows), programs, max_new_tokens=12, stopping=NO_EOS)
+    programs = [Program.parse(t, lm.num_layers) for t in texts]
+    together = generate(lm, _batch(rows), programs, max_new_tokens=12, stopping=NO_EOS)
     assert not lean_calls
     for row, program in enumerate(programs):
-        alone = generate(lean_lm, _batch([rows[row]]), program, max_new_tokens=12, stopping=NO_EOS)[0]
+        alone = generate(lm, _batch([rows[row]]), program, max_new_tokens=12, stopping=NO_EOS)[0]
         assert together[row].token_ids == alone.token_ids
-    assert sum(lean_calls) == 3 * 11
+    assert sum(lean_calls) == (3 * 11 if path == "lean" else 0)
 
 
 @needs_kernel
-def test_threads_on_the_lean_step_equal_serial_results(lean_lm):
-    programs = [Program.parse(t, lean_lm.num_layers) for t in ["0-2", "0-1", "0-2x2", "1-2, 1-2"]]
-    serial = [generate(lean_lm, _batch(), p, max_new_tokens=10, stopping=NO_EOS)[0].token_ids for p in programs]
+@pytest.mark.parametrize("path", PATHS)
+def test_threads_equal_serial_results(lean_lm, lean_calls, path):
+    lm = on_path(lean_lm, path)
+    programs = [Program.parse(t, lm.num_layers) for t in ["0-2", "0-1", "0-2x2", "1-2, 1-2"]]
+    serial = [generate(lm, _batch(), p, max_new_tokens=10, stopping=NO_EOS)[0].token_ids for p in programs]
     results: dict[int, list] = {}
     errors = []
 
     def worker(i: int):
         try:
             for _ in range(4):  # repeat so runs overlap
-                results[i] = generate(lean_lm, _batch(), programs[i], max_new_tokens=10, stopping=NO_EOS)[0].token_ids
+                results[i] = generate(lm, _batch(), programs[i], max_new_tokens=10, stopping=NO_EOS)[0].token_ids
         except Exception as exc:  # surfaced below; a thread would swallow it
             errors.append(exc)
 
@@ -198,6 +215,7 @@ def test_threads_on_the_lean_step_equal_serial_results(lean_lm):
         t.join()
     assert not errors
     assert [results[i] for i in range(len(programs))] == serial
+    assert any(lean_calls) == (path == "lean")
 
 
 @needs_kernel
@@ -293,8 +311,8 @@ def test_a_lean_step_that_disagrees_with_the_layer_is_refused_at_load(kernel_dir
 
 @pytest.mark.real_model
 def test_lean_step_on_the_real_model_gives_the_reference_tokens(real_lm, lean_calls):
-    if not packed.kernels_expected() or real_lm.lean is None:
-        pytest.skip(f"no AVX2/FMA/F16C or C compiler, or not a CPU float32 load: {real_lm.lean}")
+    if not packed.kernels_expected() or real_lm.lean is None or os.environ.get("POLAR_LEAN") == "0":
+        pytest.skip(f"no AVX2/FMA/F16C or C compiler, not a CPU float32 load, or switched off: {real_lm.lean}")
     assert real_lm.lean.ready, real_lm.lean.note
     n = real_lm.num_layers
     programs = [None, Program.parse("0-9, 10-13x2, 14-29", n), Program.parse("0-14", n),
