@@ -2,15 +2,15 @@
 
 Decoding one token through transformers' decoder-layer code costs ~25 ms on
 2 cores for the default model's 30 layers, of which the weight products on
-the GGUF codes are ~10 ms; the rest is the overhead of ~20 small torch ops per
-layer call (attention over the cache above all; profile in
-bench/results/vs_llamacpp.md). For the plain pre-norm families (Llama /
-SmolLM2, Mistral, Qwen2, Qwen3) whose weights all multiply as their exact
-codes (polar_core.engine.cpu.packed), `csrc/lean_step.c` does a whole step
-in one call: norm, q/k/v on the codes, rotary, attention over this step's own
-KV slot, output projection, residual, norm, gate/up, SiLU, down, residual;
-the products and the attention split over the torch thread count. The
-Python loop over the program's steps stays the only control flow
+the GGUF codes are ~10 ms; the rest is the overhead of ~20 small torch ops
+per layer call (attention over the cache above all). For the plain pre-norm
+families (Llama / SmolLM2, Mistral, Qwen2, Qwen3) whose weights all multiply
+as their exact codes (polar_core.engine.cpu.packed), `csrc/lean_step.c`
+does a whole step in one call: norm, q/k/v on the codes, rotary, attention
+over this step's own KV slot, output projection, residual, norm, gate/up,
+SiLU, down, residual; the products and the attention split over one thread
+or torch's thread count, whichever has been faster lately (`ThreadChoice`).
+The Python loop over the program's steps stays the only control flow
 (`LeanDecoding.forward`), and the KV slots are the StepCache's, so loops keep
 a slot per visit and the reference path can take over at any pass.
 
@@ -100,7 +100,7 @@ def _weight(module: torch.nn.Module, keep: list) -> _Weight | str:
 def _norm(module: torch.nn.Module, size: int, keep: list) -> tuple[int, float] | str:
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if type(module).__name__.endswith("RMSNorm") is False or weight is None or tuple(weight.shape) != (size,) or eps is None:
+    if not type(module).__name__.endswith("RMSNorm") or weight is None or tuple(weight.shape) != (size,) or eps is None:
         return f"{type(module).__name__} is not a plain RMSNorm of size {size}"
     weight = weight.detach().contiguous()
     keep.append(weight)
@@ -340,9 +340,7 @@ def lean_decoding(model: torch.nn.Module, adapter: Adapter, cache_dir: Path, *,
     if library is None:
         return LeanDecoding(why_not)
     description, has_head = described
-    config = model.config
-    heads = config.num_key_value_heads or config.num_attention_heads
-    shape = (heads, description.head_dim, adapter.lm_head.out_features if has_head else 0)
+    shape = (description.kv_heads, description.head_dim, adapter.lm_head.out_features if has_head else 0)
     sentinel = adapter.layers[0].self_attn.q_proj
     vectors = "AVX-512" if library.lean_vector_width() == 16 else "AVX2"
     lean = LeanDecoding(f"lean decode step (C, one call per program step, {vectors})", library, description, keep,

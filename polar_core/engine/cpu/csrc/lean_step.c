@@ -484,6 +484,7 @@ static void head_team(void *arg, int ith, int nth) {
     head_job *j = arg;
     const lean_model *m = j->m;
     const int hidden = m->hidden, units = m->head.out / UNIT, chunks = (units + HEAD_CHUNK - 1) / HEAD_CHUNK;
+    if (!phase_open(&j->done, chunks)) return;  /* joined too late: nothing left to do */
     float *x = j->private_scratch + (size_t)ith * j->private_floats, *sums = x + (size_t)j->rows * hidden;
     for (int r = 0; r < j->rows; r++) rms_norm(j->h + (size_t)r * hidden, m->final_norm, hidden, m->eps, x + (size_t)r * hidden);
     row_block_sums(x, j->rows, hidden, sums);
