@@ -612,11 +612,16 @@ def example_prompts(per_family: int = 2) -> list[tuple[str, str, str]]:
 
 
 def model_status(lm: LoadedModel) -> str:
-    """Status line: name, family, layers, parameters, device, and how the CPU multiplies the weights."""
+    """Status line: name, family, layers, parameters, device, and how the CPU
+    decodes: on the GGUF codes or not, with the lean C step or not (both chosen at load)."""
     info = lm.describe()
     params = info["parameters"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     codes = " · decoding on the GGUF codes" if lm.packing and lm.packing.packed else ""
+    if lm.lean is not None and lm.lean.ready:
+        codes += f" with the lean C step ({lm.lean.vectors})"
+    elif lm.lean is not None and lm.lean.switched_off:
+        codes += " · lean C step off (POLAR_LEAN=0): transformers' layers"
     line = (f"**{info['name']}** · {info['family']} · {info['layers']} layers · hidden {info['hidden_size']} · "
             f"{size} parameters · {info['device']} / {info['dtype']}{codes}")
     if not has_chat_template(lm):

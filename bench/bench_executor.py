@@ -7,11 +7,13 @@
 
 Variants are interleaved and repeated; medians are reported, so background
 load hits every variant alike. Usage:
-    .venv/bin/python bench/bench_executor.py [--repeats 7] [--out bench/results/executor.md]
+    .venv/bin/python bench/bench_executor.py [--repeats 7] [--threads 2] [--out bench/results/executor.md]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import statistics
 import subprocess
 import sys
@@ -67,7 +69,7 @@ def _random_default_shaped(device: str):
 
 def _load_time_in_fresh_process() -> float:
     code = (
-        "import time, torch; torch.set_num_threads(2);"
+        f"import time, torch; torch.set_num_threads({torch.get_num_threads()});"
         "from polar_core.engine.models import load_model;"
         f"t = time.perf_counter(); load_model({DEFAULT_MODEL!r}, device='cpu');"
         "print(time.perf_counter() - t)"
@@ -79,7 +81,9 @@ def _load_time_in_fresh_process() -> float:
 def _machine(lm) -> str:
     if lm.device.type == "cuda":
         return torch.cuda.get_device_name(lm.device)
-    return f"{torch.get_num_threads()} CPU threads"
+    from polar_core.engine.cpu.layout import cpuinfo_field
+
+    return f"{torch.get_num_threads()} CPU threads ({cpuinfo_field('model name') or 'CPU'})"
 
 
 def main() -> None:
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=str(ROOT / "bench/results/executor.md"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     parser.add_argument(
         "--random-weights", action="store_true",
         help="a randomly initialised model of the default model's shape (for machines without the "
@@ -94,13 +99,14 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.random_weights:
         lm, batch = _random_default_shaped(args.device)
     else:
         lm = load_model(DEFAULT_MODEL, device=args.device)
         batch = encode_prompts(lm, [PROMPT])
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    start_load = os.getloadavg()[0]
     full = Program.full(lm.num_layers)
     half = Program.early_exit(lm.num_layers, lm.num_layers // 2 - 1)
 
@@ -116,6 +122,9 @@ def main() -> None:
         return lambda: generate(lm, batch, program, max_new_tokens=NEW_TOKENS, stopping=Stopping(at_eos=stop_at_eos))[0].token_ids
 
     variants = {"hf_generate": hf, "identity": ours(full), "half": ours(half, stop_at_eos=False)}
+    if lm.lean is not None and lm.lean.ready:  # the same model, every pass through transformers' layers
+        reference = dataclasses.replace(lm, lean=None)
+        variants["identity_reference"] = lambda: generate(reference, batch, full, max_new_tokens=NEW_TOKENS)[0].token_ids
     for fn in variants.values():  # warm-up
         fn()
     times = {name: [] for name in variants}
@@ -134,6 +143,9 @@ def main() -> None:
         ("identity program, 64 tokens", f"{med['identity']:.3f} s", f"{med['identity'] / med['hf_generate']:.2f} × generate"),
         (f"half program `{half.format()}`", f"{med['half']:.3f} s", f"{med['half'] / med['identity']:.2f} × identity"),
     ]
+    if "identity_reference" in med:
+        rows.insert(2, ("identity program, transformers' layers (lean step off)", f"{med['identity_reference']:.3f} s",
+                        f"{med['identity_reference'] / med['identity']:.2f} × identity"))
     if loads:
         rows.append(("second model load (median of 3)", f"{statistics.median(loads):.2f} s", "target ≤ 5 s"))
     lines = [
@@ -142,7 +154,8 @@ def main() -> None:
         f"Command: `python bench/bench_executor.py {' '.join(sys.argv[1:])}`",
         f"Machine: {_machine(lm)}, torch {torch.__version__}, {str(lm.dtype).replace('torch.', '')}, "
         f"{lm_name} ({lm.num_layers} layers); prompt {batch.input_ids.shape[1]} tokens; "
-        f"greedy; medians of {args.repeats} interleaved repeats.",
+        f"greedy; medians of {args.repeats} interleaved repeats; decoding: {lm.lean or 'transformers layers'}; "
+        f"load average (1 min) {start_load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.",
         "",
         "| what | median time | ratio |",
         "|---|---|---|",

@@ -58,6 +58,24 @@ def build_tiny(family: str = "llama", seed: int = 0):
     return wrap(model, name=f"tiny-{family}")
 
 
+def q4_grid(weight: torch.Tensor) -> torch.Tensor:
+    """Round a weight to what a Q4_1 file stores: per 32 inputs a float16 scale and minimum, 4-bit codes."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features, in_features // 32, 32)
+    low = blocks.amin(-1).half().float()
+    scale = ((blocks.amax(-1) - low) / 15).half().float()
+    codes = ((blocks - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+    return (scale[..., None] * codes + low[..., None]).reshape(out_features, in_features)
+
+
+def q8_grid(weight: torch.Tensor) -> torch.Tensor:
+    """Round a weight to what a Q8_0 file stores: per 32 inputs a float16 scale, 8-bit codes."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features, in_features // 32, 32)
+    scale = (blocks.abs().amax(-1) / 127).half().float()
+    return (scale[..., None] * (blocks / scale[..., None]).round().clamp(-127, 127)).reshape(out_features, in_features)
+
+
 def wrap(model, tokenizer=None, name: str = "custom"):
     """`from_model` for tests: when the seam to transformers is broken, the
     test using the model is skipped with the reason, and

@@ -10,7 +10,8 @@
     drafts     speculative decoding with known answers as drafts
     generate   generate(lm, prompts, programs) -> Trace per prompt
     cpu/       CPU speed without changing what is computed: the GGUF codes
-               (packed, C source in csrc/) and weight layouts
+               (packed), the lean decode step (lean: one C call per program
+               step; C source in csrc/) and weight layouts
 
 Nothing here imports polar_core.study or the app.
 """

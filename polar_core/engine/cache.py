@@ -27,6 +27,11 @@ class StepCache:
     def view(self, step: int, rows: torch.Tensor | None, batch_size: int) -> "SlotView":
         return SlotView(self, step, rows, batch_size)
 
+    def slot(self, step: int, batch_size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step`'s keys and values, (B, H_kv, capacity, Dh) each, made like `like` (b, H_kv, t, Dh)
+        if new: the lean decode step (polar_core.engine.cpu.lean) writes and reads them in place."""
+        return self._slot(step, batch_size, like)
+
     def rewind(self, positions: int) -> None:
         """Forget the last `positions` cached positions (rejected draft tokens)."""
         self.length -= positions

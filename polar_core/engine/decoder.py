@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polar_core.engine.forward import PrefillResult, forward_cached, forward_hidden, row_trajectory
+from polar_core.engine.forward import PrefillResult, final_logits, forward_cached, forward_hidden, row_trajectory
 from polar_core.engine.inputs import EncodedBatch, eos_token_ids, pad_id
 from polar_core.engine.models import LoadedModel
 from polar_core.program import Program
@@ -87,7 +87,7 @@ class Decoder:
             full = EncodedBatch(self.ids, self.mask, self.batch.lengths)
             return self.lm.adapter.logits(forward_hidden(self.lm, full, self.programs)[:, -1]).float()
         hidden = self._forward(self.ids[:, -1:], self.mask)
-        return self.lm.adapter.logits(hidden[:, -1]).float()
+        return final_logits(self.lm, hidden[:, -1])
 
     @torch.inference_mode()
     def check(self, proposal: list[int]) -> torch.Tensor:
@@ -95,7 +95,7 @@ class Decoder:
         each proposed one, cached; one row only."""
         feed = torch.tensor([[*self.ids[0, -1:].tolist(), *proposal]], device=self.ids.device)
         key_mask = torch.cat([self.mask, self.mask.new_ones((1, len(proposal)))], dim=1)
-        return self.lm.adapter.logits(self._forward(feed, key_mask)[0]).float()
+        return final_logits(self.lm, self._forward(feed, key_mask)[0])
 
     def _forward(self, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Cached forward of new tokens (B, t) whose first is the last chosen one."""

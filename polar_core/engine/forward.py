@@ -15,6 +15,7 @@ import torch
 
 from polar_core.engine.adapter import Adapter, Positions
 from polar_core.engine.cache import StepCache
+from polar_core.engine.cpu.lean import MAX_ROWS
 from polar_core.engine.inputs import EncodedBatch
 from polar_core.engine.models import LoadedModel
 from polar_core.program import Program
@@ -122,6 +123,14 @@ def row_trajectory(first, snapshots, row: int, steps: int, length: int) -> torch
     return stacked if stacked.dim() == 2 else stacked[:, -length:]  # drop left padding
 
 
+def final_logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm + LM head on decoded hidden states (n, d): float32 logits (n, V),
+    by the lean step's head where the model has one."""
+    if lm.lean is not None and lm.lean.has_head() and hidden.dim() == 2 and hidden.shape[0] <= MAX_ROWS:
+        return lm.lean.logits(hidden)
+    return lm.adapter.logits(hidden).float()
+
+
 @torch.inference_mode()
 def forward_hidden(lm: LoadedModel, batch: EncodedBatch, programs: Sequence[Program]) -> torch.Tensor:
     """Final hidden states (B, T, d), before the norm, under each row's program, no cache."""
@@ -144,8 +153,16 @@ def forward_logits(lm: LoadedModel, batch: EncodedBatch, programs: Sequence[Prog
 def forward_cached(lm: LoadedModel, tokens: torch.Tensor, key_mask: torch.Tensor, programs: Sequence[Program],
                     cache: StepCache, capture: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Feed new tokens (B, t) through the cached programs: the final hidden
-    states (B, t, d) and, with capture="all", [embeddings, after step 1, ...]."""
+    states (B, t, d) and, with capture="all", [embeddings, after step 1, ...].
+
+    One row on a model that has it (`lm.lean`) takes the lean C step per
+    program step (polar_core.engine.cpu.lean); everything else the
+    transformers layers."""
     adapter = lm.adapter
+    if lm.lean is not None and lm.lean.applies(tokens, programs):
+        done = lm.lean.forward(adapter, tokens, key_mask, programs[0].path, cache, capture)
+        if done is not None:
+            return done
     hidden = adapter.embed(tokens)  # (B, t, d)
     first = [hidden.clone()] if capture else []
     pos = adapter.positions(hidden, key_mask, cache.length)

@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from polar_core.engine.adapter import Adapter, get_adapter
 from polar_core.engine.cpu.layout import tune_cpu_layouts
+from polar_core.engine.cpu.lean import LeanDecoding, lean_decoding
 from polar_core.engine.cpu.packed import PackingReport, pack_linears
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -88,6 +89,8 @@ class LoadedModel:
     layouts: dict = field(default_factory=dict, compare=False, hash=False)
     # Which Linear weights multiply with their exact GGUF codes on the CPU (see polar_core.engine.cpu.packed).
     packing: PackingReport | None = field(default=None, compare=False, hash=False)
+    # Whether cached one-row decoding takes the lean C step (see polar_core.engine.cpu.lean); None: never tried.
+    lean: LeanDecoding | None = field(default=None, compare=False, hash=False)
 
     @property
     def num_layers(self) -> int:
@@ -275,8 +278,10 @@ def _load_cached(spec: str, device: str, dtype: str) -> LoadedModel:
     for p in model.parameters():
         p.requires_grad_(False)
     layouts, packing = _speed_up_on_cpu(model, torch_dtype) if model.device.type == "cpu" else ({}, None)
-    return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=get_adapter(model),
-                       layouts=layouts, packing=packing)
+    adapter = get_adapter(model)
+    lean = lean_decoding(model, adapter, cache_root() / "kernels") if packing is not None else None
+    return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=adapter,
+                       layouts=layouts, packing=packing, lean=lean)
 
 
 def _speed_up_on_cpu(model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict, PackingReport | None]:

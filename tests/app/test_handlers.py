@@ -513,3 +513,17 @@ def test_the_same_lesson_compares_the_two_models():
 def test_the_status_line_of_a_base_model_says_how_it_is_prompted_and_carries_its_notice(real_gemma):
     line = H.model_status(real_gemma)
     assert "gemma3_text" in line and "Question: …⏎Answer:" in line and "Gemma Terms of Use" in line
+
+
+@pytest.mark.real_model
+def test_the_status_line_says_how_the_cpu_decodes(real_lm):
+    import dataclasses
+
+    from polar_core.engine.cpu.lean import LeanDecoding
+
+    if real_lm.lean is None or not real_lm.lean.ready:
+        pytest.skip(f"no lean step on this load: {real_lm.lean}")
+    line = H.model_status(real_lm)
+    assert f"decoding on the GGUF codes with the lean C step ({real_lm.lean.vectors})" in line
+    off = dataclasses.replace(real_lm, lean=LeanDecoding("lean step off (POLAR_LEAN=0)", switched_off=True))
+    assert "lean C step off (POLAR_LEAN=0)" in H.model_status(off) and "with the lean" not in H.model_status(off)

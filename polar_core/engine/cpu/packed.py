@@ -8,8 +8,9 @@ matrix-vector product then streams 4 bytes per weight from memory: that, not
 arithmetic, bounds decoding on a laptop CPU. This module finds the codes
 again in the float32 weights, accepts them only if they give back every
 weight exactly, and multiplies with them directly (`csrc/packed_linear.c`:
-0.75 byte per weight for Q4_1, 1.125 for Q8_0). `find_q4_codes` and
-`packed_layout` are the torch reference of the C `q4_pack`.
+0.625 byte per weight for Q4_1, 1.0625 for Q8_0, float16 scales as in the
+file). `find_q4_codes` and `packed_layout` are the torch reference of the C
+`q4_pack`.
 
 The model stays the same function with the same weights: the float32
 `weight` is kept (prompt passes longer than a format's `max_rows`, the logit lens
@@ -99,20 +100,31 @@ def packed_layout(q: Q4Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     codes = (halves[:, :, 0, :] | (halves[:, :, 1, :] << 4)).contiguous()  # (tile, in, 16)
 
     def per_tile(t: torch.Tensor) -> torch.Tensor:
-        return t.view(tiles, TILE, in_features // BLOCK).transpose(1, 2).contiguous()  # (tile, block, 32)
+        return t.view(tiles, TILE, in_features // BLOCK).transpose(1, 2).half().contiguous()  # (tile, block, 32)
 
     return codes, per_tile(q.scales), per_tile(q.mins)
 
 
 # -- the compiled kernel ------------------------------------------------------------
 
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 
-def _library_path(cache_dir: Path) -> Path:
+def compile_flags(avx512: bool | None = None) -> tuple[str, ...]:
+    """Compiler flags for this CPU. The C code uses AVX-512 where the CPU has it;
+    `avx512=False` (default: POLAR_AVX512=0) keeps it to AVX2."""
+    if avx512 is None:
+        avx512 = os.environ.get("POLAR_AVX512", "1") != "0"
+    return _FLAGS if avx512 else (*_FLAGS, "-DPOLAR_NO_AVX512")
+
+
+def _library_path(cache_dir: Path, source: Path = SOURCE, flags: tuple[str, ...] = _FLAGS) -> Path:
+    """Where the library built from `source` for this CPU is cached; the name
+    hashes every C file beside it (a source may include another)."""
     cpu = cpuinfo_field("flags") or platform.processor()
-    key = "|".join([SOURCE.read_text(), *_FLAGS, os.environ.get("CC", "cc"), platform.machine(), cpu])
-    return cache_dir / f"packed_linear-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    sources = [p.read_text() for p in sorted(source.parent.glob("*.c"))]
+    key = "|".join([source.name, *sources, *flags, os.environ.get("CC", "cc"), platform.machine(), cpu])
+    return cache_dir / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def kernels_expected() -> bool:
@@ -123,12 +135,12 @@ def kernels_expected() -> bool:
     return {"avx2", "fma", "f16c"} <= flags and shutil.which(os.environ.get("CC", "cc")) is not None
 
 
-def _compile(target: Path) -> None:
+def _compile(target: Path, source: Path = SOURCE, flags: tuple[str, ...] = _FLAGS) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [os.environ.get("CC", "cc"), *_FLAGS, str(SOURCE), "-o", tmp]
+        cmd = [os.environ.get("CC", "cc"), *flags, str(source), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or [f"{cmd[0]} failed"]
@@ -137,6 +149,17 @@ def _compile(target: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def build_library(cache_dir: Path, source: Path = SOURCE, flags: tuple[str, ...] = _FLAGS) -> ctypes.CDLL:
+    """The C library built from `source` for this CPU (compiled once, cached); raises OSError."""
+    path = _library_path(cache_dir, source, flags)
+    try:
+        if not path.is_file():
+            _compile(path, source, flags)
+        return ctypes.CDLL(str(path))
+    except subprocess.SubprocessError as err:
+        raise OSError(str(err)) from err
 
 
 @dataclass(frozen=True)
@@ -156,8 +179,9 @@ class CodeFormat:
     def buffers(self, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tiles = out_features // self.tile
         codes = torch.empty(tiles, in_features, 16, dtype=self.code_dtype)  # 16 bytes per input per tile
-        scales = torch.empty(tiles, in_features // BLOCK, self.tile)
-        return codes, scales, torch.empty_like(scales) if self.has_mins else torch.empty(0)
+        # float16, as in the GGUF file: a product reads 0.625 byte per Q4_1 weight, not 0.75.
+        scales = torch.empty(tiles, in_features // BLOCK, self.tile, dtype=torch.float16)
+        return codes, scales, torch.empty_like(scales) if self.has_mins else torch.empty(0, dtype=torch.float16)
 
 
 # Tried in this order: the cheaper format first.
@@ -172,14 +196,11 @@ class Kernel:
 
 
 @functools.lru_cache(maxsize=None)
-def load_kernel(cache_dir: Path) -> tuple[Kernel | None, str]:
-    """(the compiled kernels or None, why not) for this CPU."""
-    path = _library_path(cache_dir)
+def load_kernel(cache_dir: Path, avx512: bool | None = None) -> tuple[Kernel | None, str]:
+    """(the compiled kernels or None, why not) for this CPU (see compile_flags)."""
     try:
-        if not path.is_file():
-            _compile(path)
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as err:
+        library = build_library(cache_dir, SOURCE, compile_flags(avx512))
+    except OSError as err:
         return None, f"no packed kernel ({err}); float32 weights"
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     functions = {}

@@ -1,5 +1,10 @@
-"""Invariant 1 on the real default model: the identity program is the model."""
+"""The executor's invariants on the real default model: the identity program
+is the model, cached == recomputed, per-row programs and threads equal each
+alone. They hold on whichever path the model was loaded with: the lean step
+where it builds (as loaded), transformers' layers with POLAR_LEAN=0."""
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -41,6 +46,29 @@ def test_loop_program_cached_equals_recomputed_on_real_model(real_lm):
     cached = generate(real_lm, PROMPTS[:1], program, max_new_tokens=12, stopping=Stopping(at_eos=False))[0]
     recomputed = generate(real_lm, PROMPTS[:1], program, max_new_tokens=12, use_cache=False, stopping=Stopping(at_eos=False))[0]
     assert cached.token_ids == recomputed.token_ids
+
+
+def test_per_row_programs_and_threads_on_real_model_equal_each_alone(real_lm):
+    """A batch of rows under their own programs (the transformers layers) and
+    concurrent one-row runs (the lean step, as loaded) give each row's tokens alone."""
+    n, no_eos = real_lm.num_layers, Stopping(at_eos=False)
+    programs = [Program.full(n), Program.parse("0-9, 10-13x2, 14-29", n), Program.parse("0-14", n)]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    alone = [generate(real_lm, [p], prog, max_new_tokens=10, stopping=no_eos)[0].token_ids
+             for p, prog in zip(prompts, programs)]
+    together = generate(real_lm, prompts, programs, max_new_tokens=10, stopping=no_eos)
+    assert [t.token_ids for t in together] == alone
+    results: dict[int, list] = {}
+
+    def worker(i: int):
+        results[i] = generate(real_lm, [prompts[i]], programs[i], max_new_tokens=10, stopping=no_eos)[0].token_ids
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(programs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results.get(i) for i in range(len(programs))] == alone
 
 
 def test_default_model_answers_and_a_short_program_changes_it(real_lm):

