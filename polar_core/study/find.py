@@ -256,29 +256,35 @@ class PromptSearch:
     seconds: float
     full_valid: bool  # the full program itself gives the expected answer
     stopped: bool = False  # cut short (time limit or cancel): partial results
+    rule: str = "exact"  # how answers were checked (polar_core.study.checker)
 
 
-def prompt_scorer(lm: LoadedModel, prompt_ids: Sequence[int], expected: str, line_answer: bool,
+def prompt_scorer(lm: LoadedModel, prompt_ids: Sequence[int], expected: str, few_shot: bool, rule: str = "exact",
                   stop_strings: Sequence[str] = ()):
-    """Scores programs on one prompt: teacher forcing when the answer is one
-    line (few-shot prompts, a base model's "Answer:"; fast, prefixes shared);
-    decoding and the checker otherwise (a chat answer has no fixed continuation)."""
-    if line_answer:
+    """Scores programs on one prompt: teacher forcing for few-shot prompts (an
+    answer line that ends in a newline, checked exactly: fast, prefixes
+    shared); decoding and the checker under `rule` otherwise (free text has
+    no fixed continuation)."""
+    if few_shot:
         stops = line_end_ids(lm.tokenizer) | eos_token_ids(lm)
         return make_scorer(lm, Target(prompt_ids, expected_token_ids(lm, prompt_ids, expected), stops))
 
     def decode(programs):
         traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=tuple(stop_strings))
-        return [check_answer(t.text, expected) for t in traces]
+        return [check_answer(t.text, expected, rule=rule) for t in traces]
 
     return decode
 
 
 def find_programs(lm: LoadedModel, prompt: str, expected: str, *, method: str = "greedy", budget: int = 100,
                   verify_top: int = VERIFY_TOP, progress: Callable[[int, int], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> PromptSearch:
+                  should_stop: Callable[[], bool] | None = None, exact: bool = False) -> PromptSearch:
     """Search programs whose greedy answer to `prompt` is `expected`, then check
     the shortest `verify_top` of them by decoding.
+
+    Answers are checked as the page marks them (``PromptStyle.answer_rule``):
+    few-shot answers exactly, free-text answers by containing `expected`
+    unless `exact`.
 
     Args:
         progress: called with (programs scored, budget) after every round.
@@ -288,8 +294,9 @@ def find_programs(lm: LoadedModel, prompt: str, expected: str, *, method: str = 
     if not expected.strip():
         raise SearchError("a search needs an expected answer: a program is valid when it produces it")
     style = prompt_style(lm, prompt)
+    rule = style.answer_rule(exact)
     ids = encode_prompts(lm, [style.text(prompt)], chat=style.chat).input_ids[0].tolist()
-    scorer = prompt_scorer(lm, ids, expected, line_answer=bool(style.stop_strings), stop_strings=style.stop_strings)
+    scorer = prompt_scorer(lm, ids, expected, style.few_shot, rule, style.stop_strings)
     search = make_search(method, lm.num_layers, budget=budget, seed=0)
     stopped = False
     while programs := search.ask():
@@ -302,6 +309,7 @@ def find_programs(lm: LoadedModel, prompt: str, expected: str, *, method: str = 
     result = search.result()
     candidates = result.valid[:verify_top]
     traces = decode_programs(lm, ids, candidates, max_new_tokens=16, stop_strings=style.stop_strings)
-    found = [(p, shown_answer(t.text, style)) for p, t in zip(candidates, traces) if check_answer(t.text, expected)]
+    found = [(p, shown_answer(t.text, style)) for p, t in zip(candidates, traces)
+             if check_answer(t.text, expected, rule=rule)]
     return PromptSearch(method, [p for p, _ in found], [a for _, a in found], result.programs_scored,
-                        result.seconds, result.full_valid, stopped)
+                        result.seconds, result.full_valid, stopped, rule)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from polar_core.engine.models import LoadedModel
+from polar_core.study.checker import answer_rule
 from polar_core.study.tasks import STOP_TEXT
 
 
@@ -33,6 +34,11 @@ class PromptStyle:
     def wrapped(self) -> bool:
         """Whether the prompt is put into a question/answer frame (base models)."""
         return self.template != "{prompt}"
+
+    def answer_rule(self, exact: bool = False) -> str:
+        """How its answers are checked (polar_core.study.checker): "exact" for
+        few-shot answers or when asked, "contains" for free text."""
+        return answer_rule(self.few_shot, exact)
 
 
 def is_few_shot(prompt: str) -> bool:
@@ -60,7 +66,11 @@ def prompt_style(lm: LoadedModel, prompt: str) -> PromptStyle:
 
 
 def shown_answer(text: str, style: PromptStyle) -> str:
-    """The answer as a person reads it: cut at the style's stop string, stripped."""
+    """The answer as a person reads it: cut at the style's stop string, stripped.
+
+    A character whose bytes the token limit cut in half decodes as U+FFFD at
+    the very end; it is dropped (it is no character of the answer).
+    """
     for stop in style.stop_strings:
         text = text.split(stop, 1)[0]
-    return text.strip()
+    return text.rstrip("\ufffd").strip()
