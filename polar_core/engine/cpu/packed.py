@@ -12,6 +12,11 @@ weight exactly, and multiplies with them directly (`csrc/packed_linear.c`:
 file). `find_q4_codes` and `packed_layout` are the torch reference of the C
 `q4_pack`.
 
+Gemma 3 270M's file holds other formats (Q5_0, Q4_K, Q6_K layer weights, a
+Q8_0 LM head). Their weights are found as exact grids of 8-bit codes with a
+float32 scale (and minimum, for Q4_K) per 16 inputs: formats "i8x16" and
+"i8x16m", `csrc/packed_int8x16.c`, 1.25 / 1.5 bytes per weight.
+
 The model stays the same function with the same weights: the float32
 `weight` is kept (prompt passes longer than a format's `max_rows`, the logit lens
 and everything else that reads weights use it), and a packed product differs
