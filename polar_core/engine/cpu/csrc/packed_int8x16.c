@@ -123,8 +123,10 @@ static inline int on_grid(float w, float d, float q, float low) {
  * (offset: low = the block minimum, steps up to 127) or -steps..steps (no
  * offset: low = 0, d = max |x| / steps) that holds every weight exactly;
  * writes the codes (stride 16) and returns 1, or returns 0 when none does.
- * Every steps is tried from 1 up: the first grid found is exact, and a wrong
- * steps fails at its first weight off the grid. */
+ * Any exact grid will do. The step counts of the GGUF formats are tried
+ * first (Q5_0's max |w| is 16 d, Q4_K's span at most 15 d, Q8_0's 127 d,
+ * Q6_K's up to 32 d), then every count from 1 up; a wrong count fails at its
+ * first weight off the grid. That keeps packing Gemma's weights to ~1 s. */
 static int find_grid(const float *x, int offset, int8_t *codes, float *scale, float *low_out) {
     float low = x[0], high = x[0], amax = 0.f;
     for (int k = 0; k < 16; k++) {
@@ -140,7 +142,10 @@ static int find_grid(const float *x, int offset, int8_t *codes, float *scale, fl
         *scale = 0.f, *low_out = base;
         return 1;
     }
-    for (int steps = 1; steps <= 127; steps++) {
+    static const int likely[] = {16, 15, 32, 31, 127};
+    const int n_likely = (int)(sizeof likely / sizeof likely[0]);
+    for (int attempt = 0; attempt < n_likely + 127; attempt++) {
+        const int steps = attempt < n_likely ? likely[attempt] : attempt - n_likely + 1;
         const float d = span / (float)steps;
         int k = 0;
         for (; k < 16; k++) {
