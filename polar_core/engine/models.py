@@ -35,6 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from polar_core.engine.adapter import Adapter, get_adapter
+from polar_core.engine.cpu import attention as one_thread_attention
 from polar_core.engine.cpu.layout import tune_cpu_layouts
 from polar_core.engine.cpu.lean import LeanDecoding, lean_decoding
 from polar_core.engine.cpu.packed import PackingReport, pack_linears
@@ -171,8 +172,10 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _attn_implementation(config) -> str:
-    # Gemma 2 soft-caps attention logits, which SDPA cannot do.
-    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    # Gemma 2 soft-caps attention logits, which SDPA cannot do. Elsewhere SDPA,
+    # with one new token of one row on a CPU attended on the calling thread
+    # (polar_core.engine.cpu.attention: no wait for a second torch thread).
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else one_thread_attention.register()
 
 
 def _from_pretrained(source: str | Path, dtype: torch.dtype, **kwargs):
