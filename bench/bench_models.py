@@ -1,14 +1,15 @@
 """Load and decode costs of the embedded real models, each measured in fresh processes.
 
     .venv/bin/python bench/bench_models.py --models gemma3-270m smollm2-135m-instruct --repeats 3 \
-        --out bench/results/models.md
+        --threads 2 1 --out bench/results/models.md
 
 Per model: the first load (an empty cache: assembling, parsing and
 dequantizing the GGUF, writing the safetensors cache), then cached loads,
 then a 32-token greedy answer under the full program with the model's CPU
 speed-ups on (as loaded) and off (`POLAR_PACKED=0 POLAR_LEAN=0`: float32
-weights), alternating, medians. Each figure comes from its own process, so
-no run warms the next one's caches (other than the OS file cache).
+weights), alternating, medians; per torch thread count given (a busy
+shared host may favour one thread). Each figure comes from its own process,
+so no run warms the next one's caches (other than the OS file cache).
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ loaded = time.perf_counter() - started
 out = {"load_s": loaded, "packing": str(lm.packing), "lean": str(getattr(lm, "lean", None))}
 if sys.argv[2] == "decode":
     generate(lm, [sys.argv[4]], None, max_new_tokens=4, chat=False)  # warm-up
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     trace = generate(lm, [sys.argv[4]], None, max_new_tokens=32, chat=False, stopping=Stopping(at_eos=False))[0]
-    out.update(answer_s=time.perf_counter() - started, tokens=len(trace.token_ids),
+    out.update(answer_s=time.perf_counter() - started, answer_cpu_s=time.process_time() - cpu,
+               tokens=len(trace.token_ids),
                prefill_s=trace.prefill_seconds, decode_s=trace.decode_seconds, text=trace.text[:40])
 print("RESULT " + json.dumps(out))
 """
@@ -62,31 +64,37 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m-instruct"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     lines = ["# Loading and decoding the embedded real models", "",
              f"Command: `python bench/{Path(__file__).name} {shlex.join(sys.argv[1:])}`", "",
-             f"Host: {cpuinfo_field('model name')}, {os.cpu_count()} cores, {args.threads} torch threads, "
+             f"Host: {cpuinfo_field('model name')}, {os.cpu_count()} cores, "
              f"load average {os.getloadavg()[0]:.1f} at the start. Medians of {args.repeats} fresh processes each; "
              "a 32-token greedy answer (full program, few-shot prompt, after a 4-token warm-up) with the CPU "
-             "speed-ups as loaded and with float32 weights (`POLAR_PACKED=0 POLAR_LEAN=0`), alternating.", "",
-             "| model | first load (empty cache) | cached load | 32-token answer, as loaded | 32 tokens, float32 | "
-             "ratio | how it multiplies |", "|---|---:|---:|---:|---:|---:|---|"]
+             "speed-ups as loaded and with float32 weights (`POLAR_PACKED=0 POLAR_LEAN=0`), alternating; wall "
+             "time, in brackets the process's CPU time (all its threads: what the answer costs, less exposed "
+             "to the other work on the host).", "",
+             "| model | torch threads | first load (empty cache) | cached load | 32-token answer, as loaded | "
+             "32 tokens, float32 | ratio | how it multiplies |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for model in args.models:
         with tempfile.TemporaryDirectory(prefix="polar-bench-cache-") as cache:
-            first = child(model, "load", args.threads, cache)["load_s"]
-            cached, fast, slow, how = [], [], [], ""
-            for _ in range(args.repeats):
-                cached.append(child(model, "load", args.threads, cache)["load_s"])
-                quick = child(model, "decode", args.threads, cache)
-                fast.append(quick["answer_s"])
-                slow.append(child(model, "decode", args.threads, cache, fast=False)["answer_s"])
-                how = f"{quick['packing']}; lean step: {quick['lean']}"
-        f, s = statistics.median(fast), statistics.median(slow)
-        lines.append(f"| {model} | {first:.1f} s | {statistics.median(cached):.1f} s | {f:.2f} s | {s:.2f} s | "
-                     f"{f / s:.2f}x | {how} |")
-        print(lines[-1], flush=True)
+            first = child(model, "load", args.threads[0], cache)["load_s"]
+            for threads in args.threads:
+                cached, fast, slow, fast_cpu, slow_cpu, how = [], [], [], [], [], ""
+                for _ in range(args.repeats):
+                    cached.append(child(model, "load", threads, cache)["load_s"])
+                    quick = child(model, "decode", threads, cache)
+                    plain = child(model, "decode", threads, cache, fast=False)
+                    fast.append(quick["answer_s"]), fast_cpu.append(quick["answer_cpu_s"])
+                    slow.append(plain["answer_s"]), slow_cpu.append(plain["answer_cpu_s"])
+                    how = f"{quick['packing']}; lean step: {quick['lean']}"
+                f, s = statistics.median(fast), statistics.median(slow)
+                first_text = f"{first:.1f} s" if threads == args.threads[0] else "–"
+                lines.append(f"| {model} | {threads} | {first_text} | {statistics.median(cached):.1f} s | {f:.2f} s "
+                             f"({statistics.median(fast_cpu):.2f} s) | {s:.2f} s ({statistics.median(slow_cpu):.2f} s) | "
+                             f"{f / s:.2f}x | {how} |")
+                print(lines[-1], flush=True)
     lines.append(f"\nLoad average at the end: {os.getloadavg()[0]:.1f}.")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -76,6 +76,45 @@ def q8_grid(weight: torch.Tensor) -> torch.Tensor:
     return (scale[..., None] * (blocks / scale[..., None]).round().clamp(-127, 127)).reshape(out_features, in_features)
 
 
+def q5_0_grid(weight: torch.Tensor) -> torch.Tensor:
+    """Round a weight as llama.cpp's Q5_0 does: per 32 inputs d = (the weight of largest |w|) / -16
+    in float16 (it may be negative), codes in -16..15; the float32 d * q that gguf dequantizes."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features, in_features // 32, 32)
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    d = (extreme / -16).half().float()
+    codes = (blocks / d).round().clamp(-16, 15)
+    return (d * codes).reshape(out_features, in_features)
+
+
+def q6_k_grid(weight: torch.Tensor) -> torch.Tensor:
+    """Round a weight to Q6_K's grid: per 256 inputs a float16 d, per 16 an int8 scale s, 6-bit codes
+    in -32..31; gguf dequantizes (d * s) * q in float32."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features, in_features // 256, 16, 16)
+    wanted = blocks.abs().amax(-1) / 31  # each sub-block's own scale
+    d = (wanted.amax(-1, keepdim=True) / 127).half().float()
+    s = (wanted / d).round().clamp(1, 127)
+    scale = (d * s)[..., None]
+    return (scale * (blocks / scale).round().clamp(-32, 31)).reshape(out_features, in_features)
+
+
+def q4_k_grid(weight: torch.Tensor) -> torch.Tensor:
+    """Round a weight to Q4_K's grid: per 256 inputs float16 d and dmin, per 32 6-bit s and m, 4-bit
+    codes; gguf dequantizes (d * s) * q - dmin * m in float32."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features, in_features // 256, 8, 32)
+    low = (-blocks.amin(-1)).clamp(min=0)  # the sub-block's offset, subtracted
+    wanted = (blocks.amax(-1) + low) / 15
+    d = (wanted.amax(-1, keepdim=True) / 63).half().float()
+    dmin = (low.amax(-1, keepdim=True) / 63).half().float()
+    s = (wanted / d).round().clamp(1, 63)
+    m = (low / dmin.clamp(min=1e-30)).round().clamp(0, 63)
+    scale, offset = (d * s)[..., None], (dmin * m)[..., None]
+    codes = ((blocks + offset) / scale).round().clamp(0, 15)
+    return (scale * codes - offset).reshape(out_features, in_features)
+
+
 def wrap(model, tokenizer=None, name: str = "custom"):
     """`from_model` for tests: when the seam to transformers is broken, the
     test using the model is skipped with the reason, and

@@ -16,6 +16,7 @@ once per first load (`_gguf_parsed_once`). `trust_remote_code` is never used.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import importlib
@@ -34,6 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from polar_core.engine.adapter import Adapter, get_adapter
+from polar_core.engine.cpu import attention as one_thread_attention
 from polar_core.engine.cpu.layout import tune_cpu_layouts
 from polar_core.engine.cpu.lean import LeanDecoding, lean_decoding
 from polar_core.engine.cpu.packed import PackingReport, pack_linears
@@ -170,17 +172,22 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _attn_implementation(config) -> str:
-    # Gemma 2 soft-caps attention logits, which SDPA cannot do.
-    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    # Gemma 2 soft-caps attention logits, which SDPA cannot do. Elsewhere SDPA,
+    # with one new token of one row on a CPU attended on the calling thread
+    # (polar_core.engine.cpu.attention: no wait for a second torch thread).
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else one_thread_attention.register()
 
 
 def _from_pretrained(source: str | Path, dtype: torch.dtype, **kwargs):
     config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=_attn_implementation(config), trust_remote_code=False, **kwargs
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
-    return model, tokenizer
+    # The tokenizer loads beside the weights: a 262k vocabulary (Gemma) is ~4-6 s
+    # of parsing in Python, the weights mostly reading and copying outside the GIL.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(AutoTokenizer.from_pretrained, source, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=_attn_implementation(config), trust_remote_code=False, **kwargs
+        )
+        return model, tokenizer.result()
 
 
 def _save_atomically(model, tokenizer, target: Path) -> None:

@@ -67,11 +67,16 @@ def _seconds_per_product(weights: list[torch.Tensor]) -> float:
 
 
 def _linear_groups(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Parameter]]:
-    """Distinct Linear weights (tied ones once) grouped by (out, in, dtype)."""
+    """Distinct plain Linear weights (tied ones once) grouped by (out, in, dtype).
+
+    A weight multiplied as its GGUF codes (a cpu.packed.PackedLinear, a
+    subclass) is left out: its one-token products never read the float32
+    copy, so its layout buys nothing, and relaying Gemma's 671 MB tied LM
+    head cost ~10 s per load."""
     groups: dict[tuple, list[torch.nn.Parameter]] = defaultdict(list)
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+        if type(module) is torch.nn.Linear and id(module.weight) not in seen:
             seen.add(id(module.weight))
             w = module.weight
             groups[(w.shape[0], w.shape[1], w.dtype)].append(w)

@@ -12,6 +12,11 @@ weight exactly, and multiplies with them directly (`csrc/packed_linear.c`:
 file). `find_q4_codes` and `packed_layout` are the torch reference of the C
 `q4_pack`.
 
+Gemma 3 270M's file holds other formats (Q5_0, Q4_K, Q6_K layer weights, a
+Q8_0 LM head). Their weights are found as exact grids of 8-bit codes with a
+float32 scale (and minimum, for Q4_K) per 16 inputs: formats "i8x16" and
+"i8x16m", `csrc/packed_int8x16.c`, 1.25 / 1.5 bytes per weight.
+
 The model stays the same function with the same weights: the float32
 `weight` is kept (prompt passes longer than a format's `max_rows`, the logit lens
 and everything else that reads weights use it), and a packed product differs
@@ -165,7 +170,7 @@ def build_library(cache_dir: Path, source: Path = SOURCE, flags: tuple[str, ...]
 @dataclass(frozen=True)
 class CodeFormat:
     """How one GGUF format's codes are laid out for its kernel (see the C source)."""
-    name: str  # the GGUF format: "q4_1" or "q8_0"
+    name: str  # "q4_1", "q8_0" (the GGUF formats), "i8x16", "i8x16m" (grids holding Q5_0, Q4_K, Q6_K)
     c_prefix: str  # its C functions are <c_prefix>_linear and <c_prefix>_pack
     tile: int  # outputs per tile
     code_dtype: torch.dtype
@@ -175,18 +180,25 @@ class CodeFormat:
     # BLAS on float32 reads the weights once for all rows: longer prompt passes
     # are faster there (bench/results/packed.md).
     max_rows: int
+    scale_block: int = BLOCK  # inputs per scale (and minimum)
+    # float16, as in the GGUF file: a product reads 0.625 byte per Q4_1 weight, not 0.75.
+    scale_dtype: torch.dtype = torch.float16
 
     def buffers(self, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tiles = out_features // self.tile
         codes = torch.empty(tiles, in_features, 16, dtype=self.code_dtype)  # 16 bytes per input per tile
-        # float16, as in the GGUF file: a product reads 0.625 byte per Q4_1 weight, not 0.75.
-        scales = torch.empty(tiles, in_features // BLOCK, self.tile, dtype=torch.float16)
-        return codes, scales, torch.empty_like(scales) if self.has_mins else torch.empty(0, dtype=torch.float16)
+        scales = torch.empty(tiles, in_features // self.scale_block, self.tile, dtype=self.scale_dtype)
+        return codes, scales, torch.empty_like(scales) if self.has_mins else torch.empty(0, dtype=self.scale_dtype)
 
 
-# Tried in this order: the cheaper format first.
+# Tried in this order: the cheaper format first. The last two hold the
+# K-quants and Q5_0 (csrc/packed_int8x16.c): 8-bit codes, float32 scale
+# (and minimum) per 16 inputs, 1.25 (1.5) bytes per weight.
 FORMATS = (CodeFormat("q4_1", "q4", 32, torch.uint8, True, max_rows=16),
-           CodeFormat("q8_0", "q8", 16, torch.int8, False, max_rows=8))
+           CodeFormat("q8_0", "q8", 16, torch.int8, False, max_rows=8),
+           CodeFormat("i8x16", "i8x16", 16, torch.int8, False, max_rows=8, scale_block=16, scale_dtype=torch.float32),
+           CodeFormat("i8x16m", "i8x16m", 16, torch.int8, True, max_rows=8, scale_block=16,
+                      scale_dtype=torch.float32))
 
 
 @dataclass(frozen=True)
@@ -246,7 +258,7 @@ class PackedLinear(torch.nn.Linear):
     """
 
     linear_kernels: dict = {}  # format name -> compiled product; per process, set by pack_linears
-    code_format: str  # per module: "q4_1" or "q8_0"
+    code_format: str  # per module: a FORMATS name
     max_rows: int  # per module: its format's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,7 +294,7 @@ class PackingReport:
 
 @torch.no_grad()
 def pack_linears(model: torch.nn.Module, cache_dir: Path) -> PackingReport:
-    """Give every CPU float32 Linear whose weight is exactly Q4_1 or Q8_0 codes the packed kernel."""
+    """Give every CPU float32 Linear whose weight is exactly the codes of a FORMATS entry the packed kernel."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     kernel, why_not = load_kernel(cache_dir)
     if kernel is None:

@@ -66,3 +66,24 @@ def test_the_lens_last_step_is_the_final_logits(real_gemma):
     want = trace.final_logits.float().softmax(-1).topk(5)
     assert lens.top_ids[-1].tolist() == want.indices.tolist()
     torch.testing.assert_close(lens.top_probs[-1], want.values, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gguf_codes_are_the_same_weights(real_gemma):
+    """Where the packed kernels build, every Linear weight of Gemma (Q5_0, Q4_K, Q6_K, Q8_0 in the file)
+    is multiplied as an exact grid of its codes, and greedy answers equal the float32 ones."""
+    from polar_core.engine.cpu.packed import float32_products, kernels_expected
+
+    if not kernels_expected() or real_gemma.packing is None:
+        pytest.skip(f"no AVX2/FMA/F16C or C compiler, or not a CPU float32 load: {real_gemma.packing}")
+    # 18 layers: q, k, gate, up (Q5_0), 9 Q6_K down and 9 Q5_0 v as i8x16; 18 o + 9 down (Q4_K) with
+    # minimums; 9 v and the tied LM head (Q8_0) as Q8_0.
+    assert real_gemma.packing.packed == {"i8x16": 90, "i8x16m": 27, "q8_0": 10} and real_gemma.packing.kept == 0
+    layers = real_gemma.num_layers
+    programs = [None, Program.parse("0-8, 9-11x2, 12-17", layers), Program.parse("0-5, 7-17", layers)]
+    for program in programs:
+        fast = generate(real_gemma, PROMPTS[:1], program, max_new_tokens=16, chat=False,
+                        stopping=Stopping(at_eos=False))[0]
+        with float32_products(real_gemma.model):
+            slow = generate(real_gemma, PROMPTS[:1], program, max_new_tokens=16, chat=False,
+                            stopping=Stopping(at_eos=False))[0]
+        assert fast.token_ids == slow.token_ids

@@ -326,3 +326,6 @@ int q8_pack(const float *w, int N, int K, int8_t *codes, uint16_t *scales, uint1
     }
     return 1;
 }
+
+/* ---- 8-bit codes with float32 scales per 16 inputs (Q5_0, Q4_K, Q6_K weights) ---- */
+#include "packed_int8x16.c"

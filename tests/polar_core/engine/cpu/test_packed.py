@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import q4_grid, q8_grid, wrap
+from tiny import q4_grid, q4_k_grid, q5_0_grid, q6_k_grid, q8_grid, wrap
 
 from polar_core.engine.cpu import packed
 from polar_core.engine.cpu.layout import input_major
@@ -80,6 +80,60 @@ def test_kernel_multiplies_by_the_very_same_weights(kernel_dir, grid, code_forma
     assert torch.equal(out.t(), weight)
 
 
+# Gemma 3 270M's formats: each found as an exact grid of 8-bit codes with float32 scales per 16 inputs.
+K_GRIDS = [(q5_0_grid, "i8x16"), (q6_k_grid, "i8x16"), (q4_k_grid, "i8x16m")]
+
+
+@needs_kernel
+@pytest.mark.parametrize("avx512", [True, False])
+@pytest.mark.parametrize("grid, code_format", K_GRIDS)
+def test_gemma_formats_give_back_every_weight_bit_for_bit(kernel_dir, grid, code_format, avx512):
+    kernel, why_not = packed.load_kernel(kernel_dir, avx512)
+    assert kernel is not None, why_not
+    torch.manual_seed(1)
+    for weight in (grid(torch.randn(96, 512) * 0.05), grid(torch.randn(32, 256) * 3)):
+        name, tensors = packed.pack_weight(kernel, weight)
+        assert name == code_format
+        assert tensors[0].dtype == torch.int8 and tensors[1].dtype == torch.float32
+        eye = torch.eye(weight.shape[1])
+        out = torch.empty(weight.shape[1], weight.shape[0])
+        kernel.functions[name][0](eye.data_ptr(), weight.shape[1], weight.shape[1], weight.shape[0],
+                                  *(t.data_ptr() for t in tensors), out.data_ptr())
+        assert torch.equal(out.t(), weight)
+
+
+@needs_kernel
+@pytest.mark.parametrize("grid", [q5_0_grid, q6_k_grid, q4_k_grid])
+def test_gemma_formats_refuse_weights_off_the_grid(kernel_dir, grid):
+    kernel, why_not = packed.load_kernel(kernel_dir)
+    assert kernel is not None, why_not
+    nudged = grid(torch.randn(64, 256) * 0.05)
+    nudged[5, 77] = torch.nextafter(nudged[5, 77], torch.tensor(1.0))  # one weight one float step off
+    assert packed.pack_weight(kernel, nudged) is None
+    assert packed.pack_weight(kernel, torch.randn(64, 256)) is None  # plain float weights
+    assert packed.pack_weight(kernel, grid(torch.randn(40, 256))) is None  # out features not whole tiles
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("grid, code_format", K_GRIDS)
+def test_gemma_formats_match_the_float32_product(kernel_dir, grid, code_format, rows):
+    kernel, why_not = packed.load_kernel(kernel_dir)
+    assert kernel is not None, why_not
+    linear = torch.nn.Linear(512, 96, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(grid(linear.weight))
+    model = torch.nn.Sequential(linear)
+    assert packed.pack_linears(model, kernel_dir).packed == {code_format: 1}
+    assert type(linear) is packed.PackedLinear and linear.max_rows == 8
+    x = torch.randn(1, rows, 512)
+    with torch.inference_mode():
+        y = linear(x)
+        with packed.float32_products(model):
+            expected = linear(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
 @needs_kernel
 def test_c_packing_equals_the_torch_reference(kernel_dir):
     kernel, why_not = packed.load_kernel(kernel_dir)
@@ -92,8 +146,11 @@ def test_c_packing_equals_the_torch_reference(kernel_dir):
         assert name == "q4_1" and all(torch.equal(a, b) for a, b in zip(ours, reference))
     nudged = q4_grid(torch.randn(64, 96))
     nudged[3, 40] = torch.nextafter(nudged[3, 40], torch.tensor(1.0))
-    for weight in (torch.randn(64, 96), nudged, q4_grid(torch.randn(48, 96)), q4_grid(torch.randn(64, 96)).double()):
+    for weight in (torch.randn(64, 96), nudged, q4_grid(torch.randn(64, 96)).double()):
         assert packed.find_q4_codes(weight) is None and packed.pack_weight(kernel, weight) is None
+    # Not whole Q4_1 tiles (32 outputs): the 8-bit grid with 16-output tiles holds it instead, as exactly.
+    uneven = q4_grid(torch.randn(48, 96))
+    assert packed.find_q4_codes(uneven) is None and packed.pack_weight(kernel, uneven)[0] == "i8x16m"
 
 
 @needs_kernel
