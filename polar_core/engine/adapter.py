@@ -4,7 +4,8 @@ program of layers needs, for every supported architecture.
 Everything that depends on transformers' private calling conventions lives
 here and nowhere else: how a decoder layer is called (argument names, output
 tuple), the cache object its attention writes into (`update`), rotary
-embeddings, the attention-mask rules, the final norm and LM head. The executor
+embeddings, the attention-mask rules, the final norm and LM head, and the
+attention-function registry (`register_attention`, `sdpa_attention`). The executor
 and the scorers call `Adapter.positions` and `Adapter.run_layer` and never
 touch a model's `forward`.
 
@@ -24,6 +25,9 @@ from typing import Protocol
 import torch
 import transformers
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # model_type -> whether its RMSNorm multiplies by (1 + weight) (Gemma) rather than weight.
 SUPPORTED_FAMILIES: dict[str, dict] = {
@@ -38,6 +42,18 @@ SUPPORTED_FAMILIES: dict[str, dict] = {
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+
+
+# transformers' SDPA attention function (same signature as any registered one).
+sdpa_attention = sdpa_attention_forward
+
+
+def register_attention(name: str, function) -> str:
+    """Make `function` an attention implementation transformers knows by
+    `name`, with SDPA's masks (idempotent); returns the name."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
 
 
 class UnsupportedModelError(ValueError):

@@ -23,10 +23,8 @@ import functools
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from polar_core.engine.adapter import register_attention, sdpa_attention
 from polar_core.engine.cpu import packed
 
 NAME = "polar_sdpa"
@@ -66,7 +64,7 @@ def _one_row_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None |
 def polar_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                **kwargs):
     """transformers' attention-function signature: one new token of one row
-    on a CPU in float32 takes the C path, the rest `sdpa_attention_forward`."""
+    on a CPU in float32 takes the C path, the rest transformers' SDPA function."""
     batch, heads, q_len, dim = query.shape
     simple = (batch == 1 and q_len == 1 and query.device.type == "cpu" and query.dtype == torch.float32
               and key.dtype == value.dtype == torch.float32 and not dropout and kwargs.get("softcap") is None
@@ -76,7 +74,7 @@ def polar_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, 
     mask = _one_row_mask(attention_mask, key.shape[2]) if simple else False
     library = _library(_cache_dir()) if mask is not False else None
     if library is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     q = query.reshape(heads, dim).contiguous()
     out = torch.empty(1, 1, heads, dim)  # (batch, q_len, heads, dim), as sdpa_attention_forward returns it
@@ -91,6 +89,4 @@ def polar_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
 def register() -> str:
     """Make "polar_sdpa" an attention implementation transformers knows (idempotent); returns the name."""
-    AttentionInterface.register(NAME, polar_sdpa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    return NAME
+    return register_attention(NAME, polar_sdpa)

@@ -29,7 +29,7 @@ def _cache_views(kv_heads: int, keys: int, dim: int, capacity: int = 40):
 def test_one_token_equals_sdpa(monkeypatch, tmp_path, heads, kv_heads, dim, masked):
     monkeypatch.setattr(attention, "_cache_dir", lambda: tmp_path)
     calls = []
-    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or sdpa_attention_forward(*a, **k))
+    monkeypatch.setattr(attention, "sdpa_attention", lambda *a, **k: calls.append(1) or sdpa_attention_forward(*a, **k))
     torch.manual_seed(heads * dim + masked)
     module = _Module(heads // kv_heads)
     keys = 29
@@ -51,7 +51,7 @@ def test_one_token_equals_sdpa(monkeypatch, tmp_path, heads, kv_heads, dim, mask
 def test_everything_else_goes_to_sdpa(monkeypatch, tmp_path):
     monkeypatch.setattr(attention, "_cache_dir", lambda: tmp_path)
     calls = []
-    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or (None, None))
+    monkeypatch.setattr(attention, "sdpa_attention", lambda *a, **k: calls.append(1) or (None, None))
     module = _Module(2)
     k, v = _cache_views(2, 9, 32)
     with torch.inference_mode():
