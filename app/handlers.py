@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app import figures
+from app.escape import escape_md
 from app.session import InputError, Session
 from polar_core.engine.generate import Stopping, Trace, generate
 from polar_core.engine.inputs import PromptError
@@ -294,15 +294,6 @@ def predict(lm: LoadedModel, prompt, k: int = 5) -> Prediction:
 
 
 # -------------------------------------------------------------------- run
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
-
-
-def escape_md(text: str) -> str:
-    """User text made inert in a Markdown component: HTML escaped, Markdown
-    punctuation backslashed, newlines as spaces."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
-
-
 @dataclass(frozen=True)
 class Stamp:
     """What a result was computed from. Every result the page shows carries
@@ -356,7 +347,7 @@ def answer_heading(title: str, answer: Answer, rule_text: str = "") -> str:
     """Markdown above an answer: which program, its cost, and its mark with the rule beside it."""
     mark = ""
     if answer.correct is not None:
-        mark = (" · ✓ right" if answer.correct else " · ✗ wrong") + (f" — {rule_text}" if rule_text else "")
+        mark = (" · ✓ right" if answer.correct else " · ✗ wrong") + (f" — {escape_md(rule_text)}" if rule_text else "")
     return f"{title} `{answer.program}` · {answer.steps} layer calls/token{mark}"
 
 

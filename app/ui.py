@@ -33,6 +33,7 @@ from gradio.components.plot import PlotData
 
 from app import figures
 from app import handlers as H
+from app.escape import code_md, escape_html
 from app.session import RUN_TICKETS, InputError, Session, allowed_models, any_model_allowed, default_model, get_model
 from polar_core.engine.models import DEFAULT_MODEL
 from polar_core.limits import Limits
@@ -96,9 +97,11 @@ COPY_JS = """
 
 # Right after an edit, before the server has run it: the edited answer's
 # heading names the new program, and no answer of another program is shown.
+# The program is the text box's value: made inert as app.escape.code_md does on the server.
 PENDING_JS = """
 (auto, program) => [
-  "Edited program `" + program + "` · " + (auto ? "running…" : "not run yet: press **Run**"),
+  "Edited program `" + String(program).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+    .replace(/`/g, "'") + "` · " + (auto ? "running…" : "not run yet: press **Run**"),
   [{token: auto ? "…" : "(press Run)", class_or_confidence: null}],
 ]
 """
@@ -114,6 +117,19 @@ def launch_kwargs() -> dict:
                 max_file_size=f"{Limits.from_env().max_upload_bytes // 1024}kb")
 
 
+def _error(message) -> gr.Error:
+    """An error toast. Toasts render HTML, and messages quote user input: escaped."""
+    return gr.Error(escape_html(message), duration=10)
+
+
+def _warn(message) -> None:
+    gr.Warning(escape_html(message))
+
+
+def _info(message) -> None:
+    gr.Info(escape_html(message))
+
+
 def _guard(fn):
     """Show an InputError as an error toast; the page keeps its state.
 
@@ -125,7 +141,7 @@ def _guard(fn):
             try:
                 yield from fn(*args, **kwargs)
             except InputError as exc:
-                raise gr.Error(str(exc), duration=10) from None
+                raise _error(exc) from None
         return stream
 
     @functools.wraps(fn)
@@ -133,7 +149,7 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            raise gr.Error(str(exc), duration=10) from None
+            raise _error(exc) from None
     return wrapper
 
 
@@ -213,7 +229,7 @@ def _grid(rows, text, model, request, keep):
     try:
         return _editor_outputs(H.program_from_grid(rows, lm.num_layers), request, keep)
     except InputError as exc:
-        gr.Warning(f"{exc} The grid shows the program again.")
+        _warn(f"{exc} The grid shows the program again.")
         return _editor_outputs(H.parse_program(text, lm.num_layers), request)
 
 
@@ -248,7 +264,7 @@ def on_predict(prompt, model, request: gr.Request = None):
     pred = H.predict(lm, prompt)
     program = pred.programs[0] if pred.programs else H.Program.full(lm.num_layers)
     if not pred.programs:
-        gr.Info(pred.message)
+        _info(pred.message)
     return (pred.rows, pred.message, *_editor_outputs(program, request))
 
 
@@ -335,7 +351,7 @@ def _run_outputs(view: H.RunView, session: Session) -> tuple:
 def _pending_outputs(program_text: str, answers: dict[str, str] | None = None) -> tuple:
     """While a run goes: headings say what runs, answers show as they grow; charts stay, marked as old."""
     out = [gr.skip() for _ in range(RUN_OUTPUTS + 1)]
-    shown = " ".join(str(program_text).split())[: H.MAX_PROGRAM_CHARS]
+    shown = code_md(str(program_text)[: H.MAX_PROGRAM_CHARS])
     for which, title, column in (("full", "Full program", 0), ("edited", f"Edited program `{shown}`", 2)):
         if answers is None or which in answers:
             out[column] = f"{title} · " + ("running…" if answers is None else "generating…")
@@ -445,7 +461,7 @@ def on_load(session, request: gr.Request):
     try:
         lm = get_model(model)
     except InputError as exc:
-        gr.Warning(f"{exc} Using {default_model()}.")
+        _warn(f"{exc} Using {default_model()}.")
         model, lm = default_model(), get_model(default_model())
     card = gr.update(value="", visible=False)
     lessons = H.learn_examples(model)
@@ -455,7 +471,7 @@ def on_load(session, request: gr.Request):
     try:
         program = H.parse_program(state.get("program", "full"), lm.num_layers)
     except InputError as exc:
-        gr.Warning(f"The link's program was ignored: {exc}")
+        _warn(f"The link's program was ignored: {exc}")
         program = H.Program.full(lm.num_layers)
     return (model, state.get("prompt", ""), state.get("expected", ""), H.model_status(lm), card,
             *_editor_outputs(program, request), session if isinstance(session, Session) else Session())
