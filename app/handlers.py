@@ -38,7 +38,7 @@ from polar_core.study.evaluate import evaluate_family as library_evaluate_family
 from polar_core.study.find import find_programs
 from polar_core.study.prompts import PromptStyle, has_chat_template, prompt_style, shown_answer
 from polar_core.study.redundancy import gromov_program, shortgpt_program
-from polar_core.study.router import CONFIG_FILE, RouterError, default_router_path, load_router, predict_programs
+from polar_core.study.router import CONFIG_FILE, default_router_path, load_router, predict_programs
 from polar_core.study.tasks import FAMILIES
 
 MAX_PROMPT_CHARS = 4000
@@ -274,10 +274,13 @@ def load_router_for(lm: LoadedModel):
         return None, "none ships for it"
     try:
         return load_router(folder, lm), ""
-    except RouterError as exc:
+    # RouterError for what the checks catch; anything else (a failed
+    # allocation, a torch error) must not stop the app either.
+    except Exception as exc:  # noqa: BLE001
         log.warning("router checkpoint %s not loaded: %s", folder, exc)
         # The page names the problem, not where the server keeps its files.
-        return None, f"its router checkpoint cannot be used: {str(exc).replace(str(folder), folder.name)}"
+        why = str(exc).replace(str(folder), folder.name)[:300]
+        return None, f"its router checkpoint cannot be used: {why}"
 
 
 def predict(lm: LoadedModel, prompt, k: int = 5) -> Prediction:

@@ -25,3 +25,53 @@ def test_escaping_leaves_no_tag_and_no_link():
     md = escape_md(payload)
     assert "http://" not in md and "www." not in md and "me@" not in md
     assert "`" not in code_md(payload)
+
+
+# ---------------------------------------------------------------- routers
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+from tiny import rigged_router, tiny_lm_with_chars  # noqa: E402
+
+from app import handlers as H  # noqa: E402
+from polar_core.study.router import RouterConfig, save_router  # noqa: E402
+
+PROMPT = "Q: What is the capital of France?\nA:"
+
+
+@pytest.fixture
+def lm():
+    return tiny_lm_with_chars()
+
+
+@pytest.mark.parametrize("size", [{"max_tokens": 10_000_000_000}, {"d_model": 1_048_576, "num_heads": 4},
+                                  {"num_blocks": 10**12}, {"d_model": 8192, "max_tokens": 65536}])
+def test_an_oversized_router_config_is_refused_before_allocating(lm, tmp_path, monkeypatch, size):
+    """Regression: "max_tokens": 10000000000 or "d_model": 1048576 passed validation,
+    then building the network raised a raw RuntimeError and the app exited in warm-up."""
+    folder = tmp_path / "router"
+    save_router(rigged_router(RouterConfig.for_model(lm)), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **size}))
+    monkeypatch.setenv(H.ROUTER_ENV, str(folder))
+    router, why = H.load_router_for(lm)
+    assert router is None and "at most" in why
+    assert H.predict(lm, PROMPT).message.startswith("No router loaded")
+
+
+def test_any_failure_to_build_a_router_is_no_router_and_the_app_starts(lm, tmp_path, monkeypatch):
+    from app import ui
+    from polar_core.study.router import checkpoint
+
+    folder = tmp_path / "router"
+    save_router(rigged_router(RouterConfig.for_model(lm)), folder)
+    monkeypatch.setenv(H.ROUTER_ENV, str(folder))
+
+    def no_memory(config):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(checkpoint, "Router", no_memory)
+    router, why = H.load_router_for(lm)
+    assert router is None and "not enough memory" in why
+    monkeypatch.setattr(ui, "get_model", lambda spec: lm)
+    ui.warm_up()  # logs the missing router and returns: the server starts
