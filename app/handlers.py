@@ -26,10 +26,10 @@ import plotly.graph_objects as go
 from app import figures
 from app.escape import escape_md
 from app.session import InputError, Session
-from polar_core.engine.generate import Stopping, Trace, generate
+from polar_core.engine.generate import PromptPassStopped, Stopping, Trace, generate
 from polar_core.engine.inputs import PromptError
 from polar_core.engine.models import DEFAULT_MODEL, MODEL_ALIASES, LoadedModel
-from polar_core.limits import LimitError, Limits
+from polar_core.limits import Deadline, LimitError, Limits
 from polar_core.program import DEFAULT_MAX_STEPS_PER_LAYER, Program, ProgramError
 from polar_core.study import tasks
 from polar_core.study.analysis import Analysis, analyze, word_marks
@@ -387,6 +387,11 @@ def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_
                          on_tokens=_text_so_far(lm, style, on_text))[0]
     except (PromptError, ProgramError) as exc:
         raise InputError(str(exc)) from None
+    except PromptPassStopped as exc:
+        if exc.reason == "cancelled":
+            raise Superseded from None
+        raise InputError(f"Program {program.format()}: {exc}: try a shorter prompt or a program with fewer "
+                         "layer calls.") from None
     if trace.finish_reason == "cancelled":
         raise Superseded
     return trace
@@ -635,34 +640,42 @@ class SearchView:
 
 
 def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", budget=100, progress=None,
-                    exact: bool = False) -> SearchView:
+                    exact: bool = False, cancelled=None) -> SearchView:
     """Find programs whose greedy answer is `expected`, shortest first, each verified by decoding.
 
     Answers are checked as the Explore tab marks them (the prompt's rule).
+    The search stops at $POLAR_JOB_SECONDS or when `cancelled()` turns true,
+    and shows what it found, marked partial.
 
     Args:
         progress: optional callable(fraction, message), e.g. a gr.Progress.
         exact: check free-text answers exactly (default: they must contain `expected`).
+        cancelled: optional callable, true once the client left or pressed Stop.
     """
     prompt, expected = check_prompt(prompt), check_expected(expected)
     if not expected:
         raise InputError("Search needs an expected answer: a program is valid when it produces it.")
     if method not in SEARCH_METHODS:
         raise InputError(f"Unknown search method {str(method)[:20]!r}; choose {' or '.join(SEARCH_METHODS)}.")
+    limits = Limits.from_env()
     try:
-        budget = Limits.from_env().check_search_budget(_whole(budget, "Budget", 1, 10**6))
+        budget = limits.check_search_budget(_whole(budget, "Budget", 1, 10**6))
     except LimitError as exc:
         raise InputError(str(exc)) from None
     report = None if progress is None else (lambda done, total: progress(min(1.0, done / total), f"{done} programs scored"))
+    deadline = Deadline(limits.job_seconds, cancelled)
     try:
-        found = find_programs(lm, prompt, expected, method=method, budget=budget, progress=report, exact=bool(exact))
+        found = find_programs(lm, prompt, expected, method=method, budget=budget, progress=report, exact=bool(exact),
+                              should_stop=deadline)
     except PromptError as exc:
         raise InputError(str(exc)) from None
     table = pd.DataFrame(
         [[i + 1, p.format(), p.layer_calls, f"{1 - p.compute_fraction:.0%}", answer]
          for i, (p, answer) in enumerate(zip(found.programs, found.answers))], columns=SEARCH_COLUMNS)
-    full = "right" if found.full_valid else "wrong"
-    message = (f"{method} search scored {found.programs_scored} programs in {found.seconds:.1f} s; the full program is "
+    full = {True: "right", False: "wrong", None: "not scored yet"}[found.full_valid]
+    partial = (f"**Partial results**: the search {deadline.describe()} after {found.programs_scored} of "
+               f"{budget} programs. " if found.stopped else "")
+    message = (partial + f"{method} search scored {found.programs_scored} programs in {found.seconds:.1f} s; the full program is "
                f"**{full}** (an answer is right when it {describe_rule(found.rule, escape_md(expected))}). "
                f"{len(found.programs)} valid program(s) shown, shortest first (checked by decoding)"
                + (": click one to load it into the editor." if found.programs else ".")
@@ -674,9 +687,10 @@ def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", b
 EVAL_COLUMNS = ["method", "accuracy", "layer calls/token", "oracle", "note"]
 
 
-def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
+def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6, cancelled=None):
     """Router top-1 (when a router is loaded) and baselines over a task family
-    (polar_core.study.evaluate.evaluate_family).
+    (polar_core.study.evaluate.evaluate_family). It stops at $POLAR_JOB_SECONDS
+    or when `cancelled()` turns true, with the rows finished so far, marked partial.
 
     Returns (table, markdown report, accuracy-vs-depth figure, the table's
     notes as markdown: which depth the static baselines ran at, and why).
@@ -686,14 +700,17 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
     n_items = _whole(n_items, "Items", 1, 200)
     drop = _whole(drop, "Layers to drop", 0, lm.num_layers - 1)
     router, why_none = load_router_for(lm)
-    table = library_evaluate_family(lm, router, family, n_items=n_items, drop=drop, why_no_router=why_none)
+    deadline = Deadline(Limits.from_env().job_seconds, cancelled)
+    table = library_evaluate_family(lm, router, family, n_items=n_items, drop=drop, why_no_router=why_none,
+                                    should_stop=deadline)
     df = table.frame()
     shown = pd.DataFrame({"method": df["method"], "accuracy": df["accuracy"].map("{:.1%}".format),
                           "layer calls/token": df["layer_calls"].map("{:.2f}".format),
                           "oracle": df["oracle"].map({True: "yes", False: ""}), "note": df["note"]},
                          columns=EVAL_COLUMNS)
-    notes = "\n".join([f"- Model **{escape_md(lm.name)}**, {escape_md(table.title)}."]
-                      + [f"- {note}" for note in table.notes])
+    partial = [f"- **Partial results**: the evaluation {deadline.describe()}."] if deadline.reason else []
+    notes = "\n".join(partial + [f"- Model **{escape_md(lm.name)}**, {escape_md(table.title)}."]
+                       + [f"- {note}" for note in table.notes])
     return shown, table.to_markdown(), figures.accuracy_vs_depth(table.points()), notes
 
 

@@ -17,6 +17,7 @@ concurrent jobs of one client each get their whole answer.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import inspect
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 PLOTS = ("similarity", "logit_lens", "answer_probability", "block_influence", "alignment")
 RUN_OUTPUTS = 14  # what a run returns besides the session state (see _run_outputs)
 STREAM_SECONDS = 0.15  # at most one partial answer update per this many seconds
+POLL_SECONDS = 0.5  # a search or evaluation yields this often, so Gradio can stop it
 CONCURRENCY = 2  # model calls at once; a 2-core CPU gains nothing from more
 EXAMPLES = H.example_prompts()
 EXAMPLE_LABELS = [label for label, _, _ in EXAMPLES]
@@ -286,19 +288,58 @@ def on_pick_row(table, row, model, request: gr.Request = None):
     return _editor_outputs(H.parse_program(str(rows[row][1]), get_model(model).num_layers), request)
 
 
+def _until_done(work):
+    """Run `work(cancelled)` in a thread; yield None while it runs, then its result.
+
+    Gradio can stop a handler only where it yields: when the client leaves
+    or presses Stop, it closes this generator at its next yield, which sets
+    `cancelled` (the work stops at its next check) instead of leaving a
+    search to hold a model slot for minutes. The thread runs in this
+    request's context, so gr.Progress still reaches the page.
+    """
+    closed, out = threading.Event(), {}
+    context = contextvars.copy_context()
+
+    def target():
+        try:
+            out["value"] = context.run(work, closed.is_set)
+        except BaseException as exc:  # re-raised below, in the request's own thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, name="polar-job", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(POLL_SECONDS)
+            if thread.is_alive():
+                yield None
+    finally:
+        closed.set()
+    if "error" in out:
+        raise out["error"]
+    yield out["value"]
+
+
 @_guard
 @gpu
 def on_search(prompt, expected, method, budget, model, exact=False, progress=gr.Progress()):
+    """Search in a worker thread, stoppable (see _until_done); partial results at the time limit."""
+    lm = get_model(model)
     progress(0, desc="searching")
-    view = H.search_programs(get_model(model), prompt, expected, method, budget,
-                             progress=lambda frac, msg: progress(frac, desc=msg), exact=exact)
-    return view.table, view.message
+    def work(cancelled):
+        return H.search_programs(lm, prompt, expected, method, budget, exact=exact, cancelled=cancelled,
+                                 progress=lambda frac, msg: progress(frac, desc=msg))
+
+    for view in _until_done(work):
+        yield (gr.skip(), gr.skip()) if view is None else (view.table, view.message)
 
 
 @_guard
 @gpu
 def on_evaluate(family, n_items, drop, model, progress=gr.Progress(track_tqdm=True)):
-    return H.evaluate_family(get_model(model), family, n_items, drop)
+    lm = get_model(model)
+    for result in _until_done(lambda cancelled: H.evaluate_family(lm, family, n_items, drop, cancelled=cancelled)):
+        yield tuple(gr.skip() for _ in range(4)) if result is None else result
 
 
 def _lesson(lesson_model: str, index) -> tuple[int, dict]:
@@ -602,11 +643,13 @@ def _search_tab():
                                elem_id="search-budget")
             go_ = gr.Button("Find shorter programs", variant="primary", scale=2, min_width=160,
                             elem_id="search-button")
-        message = gr.Markdown()
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="search-stop")
+        message = gr.Markdown(f"A search stops after {Limits.from_env().job_seconds:g} s at the latest and shows "
+                              "what it found.")
         table = gr.Dataframe(headers=H.SEARCH_COLUMNS, type="array",
                              datatype=["number", "str", "number", "str", "str"], interactive=False,
                              max_height=360, elem_id="search-results")
-    return method, budget, go_, message, table
+    return method, budget, go_, stop, message, table
 
 
 def _evaluate_tab():
@@ -621,13 +664,14 @@ def _evaluate_tab():
                              label="Layers dropped by static baselines (when there is no router, or it keeps "
                                    "every layer)")
             go_ = gr.Button("Evaluate", variant="primary", scale=1, min_width=100, elem_id="evaluate-button")
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="evaluate-stop")
         notes = gr.Markdown(elem_id="eval-notes")
         table = gr.Dataframe(headers=H.EVAL_COLUMNS, type="array", interactive=False, wrap=True, elem_id="eval-table")
         plot = gr.Plot(show_label=False, elem_id="eval-plot")
         gr.Markdown(figures.CAPTIONS["accuracy"], elem_classes="caption")
         with gr.Accordion("Markdown report", open=False):
             report = gr.Markdown()
-    return family, n_items, drop, go_, table, report, plot, notes
+    return family, n_items, drop, go_, stop, table, report, plot, notes
 
 
 def _learn_tab():
@@ -670,8 +714,8 @@ def build_demo() -> gr.Blocks:
                 answers = _answers()
                 preset, n, a, b, r, apply, text, download, upload, grid, note, roll = _editor()
                 charts, plots, csv, data, details = _analysis_tabs()
-            s_method, s_budget, s_go, s_message, s_table = _search_tab()
-            e_family, e_items, e_drop, e_go, e_table, e_report, e_plot, e_notes = _evaluate_tab()
+            s_method, s_budget, s_go, s_stop, s_message, s_table = _search_tab()
+            e_family, e_items, e_drop, e_go, e_stop, e_table, e_report, e_plot, e_notes = _evaluate_tab()
             learn_buttons = _learn_tab()
         # Not shown: the API's twins of page events (see api_twin), and the row a click picked.
         api_buttons = [gr.Button(visible=False) for _ in range(3)]
@@ -718,14 +762,16 @@ def build_demo() -> gr.Blocks:
                           show_progress_on=text))
         then_run(predict.click(on_predict, [prompt, model], [table, message, *editor], api_name="predict",
                                show_progress_on=[table, text]))
-        s_go.click(on_search, [prompt, expected, s_method, s_budget, model, exact], [s_table, s_message],
-                   api_name="search")
+        searching = s_go.click(on_search, [prompt, expected, s_method, s_budget, model, exact], [s_table, s_message],
+                               api_name="search")
+        s_stop.click(None, None, None, cancels=[searching], api_visibility="private")
         then_run(s_table.select(clicked_row, None, search_row, api_visibility="private")
                  .success(on_pick_row, [s_table, search_row, model], editor, api_name="pick_search_result",
                           show_progress_on=text)
                  .success(lambda: gr.Tabs(selected="explore"), None, tabs, api_visibility="private"))
-        e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot, e_notes],
-                   api_name="evaluate")
+        evaluating = e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot, e_notes],
+                                api_name="evaluate")
+        e_stop.click(None, None, None, cancels=[evaluating], api_visibility="private")
         for lesson_model, i, key, button in learn_buttons:
             loaded = button.click(functools.partial(on_learn, lesson_model, i), None,
                                   [model, status, prompt, expected, *editor, lesson, tabs],

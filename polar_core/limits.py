@@ -5,12 +5,16 @@ enters (library calls from the app and the CLI) so a hosted demo stays usable.
     POLAR_MAX_NEW_TOKENS      tokens generated per request (default 128)
     POLAR_MAX_STEPS_PER_LAYER program steps per model layer (default 4)
     POLAR_MAX_SEARCH_BUDGET   programs scored by one search (default 400)
-    POLAR_REQUEST_SECONDS     wall time of one generation (default 60)
+    POLAR_REQUEST_SECONDS     wall time of one generation, prompt pass included (default 60)
+    POLAR_JOB_SECONDS         wall time of one search or evaluation (default 300): it stops
+                              there and shows what it has, marked partial
     POLAR_MAX_UPLOAD_BYTES    size of an uploaded program JSON (default 65536)
 """
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 
@@ -26,6 +30,7 @@ class Limits:
     max_search_budget: int = 400
     request_seconds: float = 60.0
     max_upload_bytes: int = 65536
+    job_seconds: float = 300.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -43,6 +48,7 @@ class Limits:
             "max_search_budget": "POLAR_MAX_SEARCH_BUDGET",
             "request_seconds": "POLAR_REQUEST_SECONDS",
             "max_upload_bytes": "POLAR_MAX_UPLOAD_BYTES",
+            "job_seconds": "POLAR_JOB_SECONDS",
         }
         values = {}
         for f in fields(cls):
@@ -53,6 +59,8 @@ class Limits:
                 values[f.name] = float(raw) if f.type in (float, "float") else int(raw)
             except ValueError:
                 raise LimitError(f"{names[f.name]}={raw!r} is not a number") from None
+            if values[f.name] != values[f.name] or values[f.name] in (float("inf"), float("-inf")):
+                raise LimitError(f"{names[f.name]}={raw!r} is not a finite number")
         return cls(**values)
 
     def max_steps(self, num_layers: int) -> int:
@@ -78,3 +86,35 @@ def _check_count(n, limit: int, what: str) -> int:
     if n > limit:
         raise LimitError(f"{what}: {n} requested; the limit is {limit}")
     return n
+
+
+class Stopped(Exception):
+    """Long work (a search, an evaluation) ended early: its `Deadline` passed or was cancelled."""
+
+
+class Deadline:
+    """A wall-clock limit and an optional cancel flag, polled by long work.
+
+    Calling it says whether to stop; `reason` then says why ("time": the
+    operator's limit; "cancelled": the client left or pressed Stop).
+    """
+
+    def __init__(self, seconds: float, cancelled: Callable[[], bool] | None = None):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.cancelled = cancelled
+        self.reason: str | None = None
+
+    def __call__(self) -> bool:
+        if self.reason is None:
+            if self.cancelled is not None and self.cancelled():
+                self.reason = "cancelled"
+            elif time.monotonic() > self.end:
+                self.reason = "time"
+        return self.reason is not None
+
+    def describe(self) -> str:
+        """Why the work stopped, for a message."""
+        if self.reason == "time":
+            return f"stopped at the time limit of {self.seconds:g} s"
+        return "stopped: cancelled" if self.reason == "cancelled" else "not stopped"

@@ -75,3 +75,63 @@ def test_any_failure_to_build_a_router_is_no_router_and_the_app_starts(lm, tmp_p
     assert router is None and "not enough memory" in why
     monkeypatch.setattr(ui, "get_model", lambda spec: lm)
     ui.warm_up()  # logs the missing router and returns: the server starts
+
+
+# -------------------------------------------------------------- deadlines
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from app.session import InputError, Session  # noqa: E402
+
+FREE_TEXT = "Which planet is the largest in our solar system? Answer in one word."
+
+
+def test_a_search_stops_at_the_job_time_limit_with_partial_results(lm, monkeypatch):
+    """Regression: a greedy search at budget 400 on a free-text prompt ran 778 s
+    and could not be stopped. With $POLAR_JOB_SECONDS it stops and says so."""
+    monkeypatch.setenv("POLAR_JOB_SECONDS", "0.01")
+    view = H.search_programs(lm, FREE_TEXT, "Jupiter", "greedy", 400)
+    assert view.message.startswith("**Partial results**") and "time limit of 0.01 s" in view.message
+    scored = int(view.message.split(" after ")[1].split(" of ")[0])
+    assert scored < 400
+
+
+def test_a_search_stops_when_the_client_leaves(lm):
+    view = H.search_programs(lm, FREE_TEXT, "Jupiter", "greedy", 400, cancelled=lambda: True)
+    assert "stopped: cancelled" in view.message
+
+
+def test_an_evaluation_stops_at_the_job_time_limit_with_partial_results(lm, monkeypatch):
+    monkeypatch.setenv("POLAR_JOB_SECONDS", "0.01")
+    table, report, fig, notes = H.evaluate_family(lm, "capitals", 20, 1)
+    assert "Partial results" in notes and "time limit of 0.01 s" in notes and "stopped after" in notes
+    assert len(table) < 3  # not every method ran
+
+
+def test_the_prompt_pass_respects_the_request_time_limit(lm, monkeypatch):
+    """Regression: with POLAR_REQUEST_SECONDS=1, /run on 0-29x4 with a 493-token
+    prompt took 27.9 s, all but 0.4 s of it in the prompt pass, which never
+    looked at the clock. Now it stops between steps and says why."""
+    monkeypatch.setenv("POLAR_REQUEST_SECONDS", "0.000001")
+    with pytest.raises(InputError, match="did not finish within the time limit"):
+        H.run(lm, Session(), PROMPT * 10, "0-3x4")
+
+
+def test_a_stopped_page_job_stops_its_work():
+    """The search / evaluation handlers run their work in a thread: closing
+    the generator (Gradio does when the client leaves or Stop is pressed)
+    sets the work's cancel flag."""
+    from app import ui
+
+    ended = threading.Event()
+
+    def work(cancelled):
+        while not cancelled():
+            time.sleep(0.01)
+        ended.set()
+        return "stopped"
+
+    job = ui._until_done(work)
+    assert next(job) is None  # still running: the page gets a chance to stop it
+    job.close()
+    assert ended.wait(5)
