@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from app.session import InputError, Session
 from polar_core.engine.generate import PromptPassStopped, Stopping, Trace, generate
 from polar_core.engine.inputs import PromptError
 from polar_core.engine.models import DEFAULT_MODEL, MODEL_ALIASES, LoadedModel
-from polar_core.limits import Deadline, LimitError, Limits
+from polar_core.limits import Deadline, LimitError, Limits, load_json
 from polar_core.program import DEFAULT_MAX_STEPS_PER_LAYER, Program, ProgramError
 from polar_core.study import tasks
 from polar_core.study.analysis import Analysis, analyze, word_marks
@@ -54,13 +55,26 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ inputs
+# A lone surrogate is not text (the tokenizer raises TypeError on it) and a
+# NUL byte is never meant: both are refused before any model work.
+_NOT_TEXT = re.compile("[\ud800-\udfff\x00]")
+
+
+def _check_chars(text: str, what: str) -> str:
+    bad = _NOT_TEXT.search(text)
+    if bad is not None:
+        kind = "a NUL character" if bad.group() == "\x00" else "a lone surrogate (half of a UTF-16 pair)"
+        raise InputError(f"{what} holds {kind} at position {bad.start()}: it is not text. Remove it and try again.")
+    return text
+
+
 def check_prompt(prompt) -> str:
-    """The prompt, or InputError when it is empty or too long."""
+    """The prompt, or InputError when it is empty, too long or not text."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("Type a prompt first (or pick an example).")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"The prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
-    return prompt
+    return _check_chars(prompt, "The prompt")
 
 
 def check_expected(expected) -> str:
@@ -74,7 +88,7 @@ def check_expected(expected) -> str:
         raise InputError(f"The expected answer has {len(expected)} characters; the limit is {MAX_EXPECTED_CHARS}.")
     if "\n" in expected:
         raise InputError("The expected answer must be one line.")
-    return expected
+    return _check_chars(expected, "The expected answer")
 
 
 def parse_program(text, num_layers: int) -> Program:
@@ -83,6 +97,7 @@ def parse_program(text, num_layers: int) -> Program:
         raise InputError("The program must be text such as '0-11, 12-15x2, 16-29'.")
     if len(text) > MAX_PROGRAM_CHARS:
         raise InputError(f"The program text has {len(text)} characters; the limit is {MAX_PROGRAM_CHARS}.")
+    _check_chars(text, "The program text")
     try:
         return Program.parse(text, num_layers, max_steps=Limits.from_env().max_steps(num_layers))
     except ProgramError as exc:
@@ -213,7 +228,7 @@ def _whole(value, name: str, low: int, high: int) -> int:
 def preset_program(lm: LoadedModel, preset: str, n=4, a=0, b=0, r=2) -> Program:
     """One of the PRESETS, with its numbers checked against the model depth."""
     D = lm.num_layers
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise InputError(f"Unknown preset {str(preset)[:30]!r}; choose one of {', '.join(PRESETS)}.")
     if preset == "full":
         return Program.full(D)
@@ -572,12 +587,11 @@ def program_from_upload(data, num_layers: int) -> Program:
     limits = Limits.from_env()
     try:
         limits.check_upload(data)
+        obj = load_json(data, limits.max_upload_bytes)  # size, nesting and integers bounded before parsing
     except LimitError as exc:
         raise InputError(f"Program file: {exc}.") from None
-    try:
-        obj = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"The file is not valid JSON: {exc}") from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise InputError(f"The file is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise InputError("A program file holds one JSON object with 'path' (or 'text') and 'num_layers'.")
     unknown = sorted(set(obj) - PROGRAM_JSON_KEYS)

@@ -285,6 +285,8 @@ def on_pick_row(table, row, model, request: gr.Request = None):
         raise InputError(f"Pick a row by its index, got {str(row)[:20]!r}.") from None
     if not rows or not 0 <= row < len(rows):
         raise InputError(f"Pick a row with a program: the table has {len(rows)} row(s), got row {row}.")
+    if len(rows[row]) < 2:
+        raise InputError(f"Row {row} of the table holds no program.")
     return _editor_outputs(H.parse_program(str(rows[row][1]), get_model(model).num_layers), request)
 
 

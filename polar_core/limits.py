@@ -12,7 +12,9 @@ enters (library calls from the app and the CLI) so a hosted demo stays usable.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -20,6 +22,10 @@ from dataclasses import dataclass, fields
 
 class LimitError(ValueError):
     """A request exceeds one of the configured limits."""
+
+
+MAX_JSON_DEPTH = 32  # nesting of uploaded JSON; a program file is 2 deep, a supervision file 4
+MAX_JSON_DIGITS = 18  # digits of one JSON integer: no layer index or count has more
 
 
 @dataclass(frozen=True)
@@ -118,3 +124,56 @@ class Deadline:
         if self.reason == "time":
             return f"stopped at the time limit of {self.seconds:g} s"
         return "stopped: cancelled" if self.reason == "cancelled" else "not stopped"
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest, counted without parsing it.
+
+    Python's parser recurses per level, so 30,000 levels raise RecursionError;
+    this counts brackets outside strings in C-speed passes (numpy) instead.
+    """
+    import numpy as np  # numpy ships with torch and pandas; imported here to keep `limits` light
+
+    brackets = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = (np.isin(brackets, (ord("["), ord("{"))).astype(np.int64)
+            - np.isin(brackets, (ord("]"), ord("}"))).astype(np.int64))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise LimitError(f"a number has {len(text.lstrip('-'))} digits; at most {MAX_JSON_DIGITS} are accepted")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def load_json(data: bytes | str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):
+    """Parse untrusted JSON with its size, nesting and integers bounded before any work.
+
+    Raises:
+        LimitError: too large, nested too deep, or an integer too long.
+        ValueError: not UTF-8, or not JSON (json.JSONDecodeError).
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        raise LimitError(f"the JSON has {len(raw)} bytes; at most {max_bytes} are accepted")
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise LimitError(f"the JSON nests {depth} levels deep; at most {max_depth} are accepted")
+    return json.loads(raw.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant)
+
+
+def read_capped(path, max_bytes: int) -> bytes:
+    """A file's bytes, at most max_bytes: read with a cap, since a pipe or a
+    device reports no size (a FIFO's st_size is 0) and never ends."""
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise LimitError(f"{path}: more than {max_bytes} bytes; the limit is {max_bytes}")
+    return raw

@@ -135,3 +135,90 @@ def test_a_stopped_page_job_stops_its_work():
     assert next(job) is None  # still running: the page gets a chance to stop it
     job.close()
     assert ended.wait(5)
+
+
+# ------------------------------------------------------------------ inputs
+from app.session import MODELS_ENV, check_model_spec, get_model  # noqa: E402
+from polar_core.limits import json_depth, load_json  # noqa: E402
+
+
+def test_deeply_nested_upload_is_a_message_not_a_recursion_error(lm):
+    """Regression: {"path": [[[...30,000 deep...]]]} raised RecursionError."""
+    deep = b'{"path": ' + b"[" * 30_000 + b"]" * 30_000 + b', "num_layers": 4}'
+    with pytest.raises(InputError, match="nests 30001 levels deep; at most 32"):
+        H.program_from_upload(deep, lm.num_layers)
+
+
+def test_a_5000_digit_layer_index_is_a_message(lm):
+    """Regression: a 5,000-digit layer index raised a bare ValueError (no message)."""
+    with pytest.raises(InputError, match="5000 digits"):
+        H.program_from_upload('{"path": [0, ' + "9" * 5000 + '], "num_layers": 4}', lm.num_layers)
+    with pytest.raises(InputError, match="too large"):  # the text form, too
+        H.parse_program("0, " + "9" * 1990, lm.num_layers)
+
+
+def test_json_depth_counts_brackets_outside_strings():
+    assert json_depth(b'{"a": [[1], "[[[[{{"], "b": {"c": "\\"]]"}}') == 3
+    assert load_json('{"a": "\\"[[["}', 100) == {"a": '"[[['}
+
+
+@pytest.mark.parametrize("bad", ["\ud800 What is 2+2?", "What is\x00 2+2?"])
+def test_surrogates_and_nul_are_refused_before_any_model_work(bad):
+    """Regression: a lone surrogate in the prompt or expected answer made the
+    tokenizer raise TypeError, for `expected` after the whole run was computed."""
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the model was used ({name}) before the text was checked")
+
+    for prompt, expected in ((bad, "4"), ("What is 2+2?", bad)):
+        with pytest.raises(InputError, match="not text"):
+            H.run(Untouchable(), Session(), prompt, "full", expected)
+        with pytest.raises(InputError, match="not text"):
+            H.search_programs(Untouchable(), prompt, expected, "greedy", 10)
+
+
+def _handlers_and_arguments():
+    """Every page and API handler with arguments that work (for a tiny model named tiny-llama)."""
+    from app import ui
+
+    text = "0-3"
+    grid = [[i, True, 1] for i in range(4)]
+    return [
+        (ui.on_model, ["tiny-llama"]),
+        (ui.on_text, [text, "tiny-llama"]),
+        (ui.on_grid, [grid, text, "tiny-llama"]),
+        (ui.on_preset, ["skip", 1, 1, 2, 2, "tiny-llama"]),
+        (ui.on_upload, [b'{"path": [0, 1], "num_layers": 4}', "tiny-llama"]),
+        (ui.on_example, [ui.EXAMPLE_LABELS[0]]),
+        (ui.on_predict, [PROMPT, "tiny-llama"]),
+        (ui.on_pick_row, [[[1, text, 4, 0.0]], 0, "tiny-llama"]),
+        (ui.on_search, [PROMPT, "Paris", "greedy", 10, "tiny-llama", False]),
+        (ui.on_evaluate, ["capitals", 5, 1, "tiny-llama"]),
+        (ui.on_learn, ["tiny-llama", 0]),
+        (ui.api_run, [PROMPT, text, "Paris", "tiny-llama", False, None]),
+    ]
+
+
+def test_wrong_types_from_the_api_are_one_clear_error(lm, monkeypatch):
+    """Regression: `model` sent as a list raised AttributeError. Every argument of
+    every handler, sent as a list, a dict or a number, ends in a gr.Error or works."""
+    import gradio as gr
+
+    from app import ui
+
+    monkeypatch.setenv(MODELS_ENV, "tiny-llama")
+    monkeypatch.setattr(ui, "get_model", lambda spec: (check_model_spec(spec), lm)[1])
+    with pytest.raises(InputError, match="must be named by text"):
+        get_model(["smollm2-135m-instruct"])
+    for handler, good in _handlers_and_arguments():
+        for i in range(len(good)):
+            for wrong in (["x"], {"a": [1]}, 3.5):
+                args = [*good[:i], wrong, *good[i + 1:]]
+                try:
+                    out = handler(*args)
+                    if hasattr(out, "__next__"):
+                        list(out)
+                except gr.Error:
+                    pass
+                except Exception as exc:  # noqa: BLE001 - the point of the test
+                    raise AssertionError(f"{handler.__name__} argument {i} = {wrong!r}: {exc!r}") from exc
