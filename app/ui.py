@@ -17,13 +17,16 @@ concurrent jobs of one client each get their whole answer.
 """
 from __future__ import annotations
 
+import atexit
 import contextvars
 import functools
 import hashlib
 import inspect
 import json
 import logging
+import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -57,7 +60,9 @@ POLL_SECONDS = 0.5  # a search or evaluation yields this often, so Gradio can st
 CONCURRENCY = 2  # model calls at once; a 2-core CPU gains nothing from more
 EXAMPLES = H.example_prompts()
 EXAMPLE_LABELS = [label for label, _, _ in EXAMPLES]
-FILES = Path(tempfile.gettempdir()) / "polar-explorer"  # downloads the server writes, under names it makes
+MAX_FILES = 200  # downloads kept in this process's folder; the oldest go first
+MAX_FILE_AGE_S = 3600.0  # and none older than this
+GRADIO_CACHE = (600, 3600)  # Gradio's own copies of them: every 10 min, delete those older than an hour
 
 CSS = """
 .gradio-container {max-width: 1400px !important}
@@ -175,12 +180,58 @@ def _editor_outputs(program, request=None, keep=()) -> tuple:
             view.note, view.roll, _program_file(program))
 
 
+class Downloads:
+    """The files behind the download buttons: a private folder of this process
+    (mkdtemp: mode 0700, an unpredictable name; removed at exit), names we
+    make (never a user path), at most MAX_FILES files none older than
+    MAX_FILE_AGE_S: each write deletes the stale ones."""
+
+    def __init__(self, max_files: int = MAX_FILES, max_age_s: float = MAX_FILE_AGE_S):
+        self.max_files, self.max_age_s = max_files, max_age_s
+        self._folder: Path | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def folder(self) -> Path:
+        with self._lock:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="polar-explorer-"))
+                atexit.register(shutil.rmtree, self._folder, True)
+            return self._folder
+
+    def write(self, name: str, text: str) -> str:
+        path = self.folder / name
+        tmp = path.with_name(f".{name}.{threading.get_ident()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # a reader never sees half a file
+        self.prune(keep=path)
+        return str(path)
+
+    def prune(self, keep: Path | None = None) -> None:
+        """Delete files older than max_age_s, then the oldest beyond max_files."""
+        now, files = time.time(), []
+        for entry in os.scandir(self.folder):
+            if entry.name.startswith("."):  # being written
+                continue
+            try:
+                files.append((entry.stat().st_mtime, Path(entry.path)))
+            except FileNotFoundError:  # another thread pruned it
+                continue
+        files.sort()
+        stale = [p for t, p in files if now - t > self.max_age_s]
+        fresh = [p for t, p in files if now - t <= self.max_age_s]
+        stale += fresh[: max(0, len(fresh) - self.max_files)]
+        for path in stale:
+            if path != keep:
+                path.unlink(missing_ok=True)
+
+
+DOWNLOADS = Downloads()
+
+
 def _write(name: str, text: str) -> str:
-    """A file for a download button, written by us under a name we make (never a user path)."""
-    FILES.mkdir(exist_ok=True)
-    path = FILES / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    """A file for a download button (see Downloads)."""
+    return DOWNLOADS.write(name, text)
 
 
 def _digest(*parts) -> str:
@@ -703,7 +754,7 @@ def _slug(name: str) -> str:
 
 def build_demo() -> gr.Blocks:
     """The whole page. Builds components only: the model loads on first use."""
-    with gr.Blocks(title="PoLar Explorer") as demo:
+    with gr.Blocks(title="PoLar Explorer", delete_cache=GRADIO_CACHE) as demo:
         session = gr.State(Session())
         gr.Markdown("# PoLar Explorer\nSee how a language model spends its layers: skip them, loop them, "
                     "and watch the answer change. ([PoLar](https://arxiv.org/abs/2606.06574))", elem_id="title")

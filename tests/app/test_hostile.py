@@ -222,3 +222,31 @@ def test_wrong_types_from_the_api_are_one_clear_error(lm, monkeypatch):
                     pass
                 except Exception as exc:  # noqa: BLE001 - the point of the test
                     raise AssertionError(f"{handler.__name__} argument {i} = {wrong!r}: {exc!r}") from exc
+
+
+# ------------------------------------------------------------------- files
+import os  # noqa: E402
+import stat  # noqa: E402
+
+
+def test_downloads_live_in_a_private_folder_bounded_in_count_and_age():
+    """Regression: 200 distinct edits left 194 files, never deleted, under
+    predictable names in the shared $TMPDIR/polar-explorer."""
+    from app.ui import Downloads
+
+    downloads = Downloads(max_files=5, max_age_s=100)
+    paths = [Path(downloads.write(f"program-{i}.json", "{}")) for i in range(12)]
+    folder = downloads.folder
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.name.startswith("polar-explorer-")
+    kept = sorted(p.name for p in folder.iterdir())
+    assert len(kept) == 5 and paths[-1].name in kept
+    for p in folder.iterdir():  # an hour later, every file is stale
+        os.utime(p, (0, 0))
+    downloads.write("program-new.json", "{}")
+    assert [p.name for p in folder.iterdir()] == ["program-new.json"]
+
+
+def test_gradio_deletes_its_cached_copies():
+    from app.ui import GRADIO_CACHE, build_demo
+
+    assert build_demo().delete_cache == GRADIO_CACHE
