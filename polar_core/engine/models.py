@@ -11,7 +11,9 @@ A spec is one of:
 
 GGUF weights are dequantized by transformers on the first load, so the float
 weights are cached as safetensors; later starts read the cache (and an
-assembled GGUF is deleted once the cache is written). The GGUF file is parsed
+assembled GGUF is deleted once the cache is written). A cache that fails to
+load (a truncated file) is removed and rebuilt from the GGUF, once, with a
+warning in the log. The GGUF file is parsed
 once per first load (`_gguf_parsed_once`). `trust_remote_code` is never used.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +42,8 @@ from polar_core.engine.cpu.layout import tune_cpu_layouts
 from polar_core.engine.cpu.packed import PackingReport, pack_linears
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,18 +210,32 @@ def _save_atomically(model, tokenizer, target: Path) -> None:
 def _load_embedded(name: str, entry: EmbeddedModel, dtype: torch.dtype):
     cached = cache_root() / "models" / name
     if (cached / "config.json").is_file():
-        return _from_pretrained(cached, dtype)
+        try:
+            return _from_pretrained(cached, dtype)
+        except Exception as exc:  # a truncated or garbled file: transformers and safetensors raise many types
+            if embedded_gguf_path(entry) is None:
+                raise
+            # The GGUF is the source of truth: remove the damaged cache and
+            # rebuild it once, below (a second failure is raised, not retried).
+            log.warning("the cached weights of %s in %s are damaged (%s): removed, rebuilding them from the GGUF",
+                        name, cached, str(exc)[:200])
+            shutil.rmtree(cached, ignore_errors=True)
     gguf_path = embedded_gguf_path(entry)
     if gguf_path is None:
         # No embedded copy: a machine with network (a Space) uses the hub.
         return _from_pretrained(entry.hub_id, dtype)
     # Dequantize once in float32, cache, then cast: the cache is dtype-neutral.
-    with _gguf_parsed_once(gguf_path):
-        model, tokenizer = _from_pretrained(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
+    model, tokenizer = _dequantize(gguf_path)
     _save_atomically(model, tokenizer, cached)
     if entry.assembled:
         gguf_path.unlink(missing_ok=True)  # the cache holds it all now; the chunks stay installed
     return model.to(dtype), tokenizer
+
+
+def _dequantize(gguf_path: Path):
+    """The float32 model and tokenizer of a GGUF file (transformers dequantizes on load)."""
+    with _gguf_parsed_once(gguf_path):
+        return _from_pretrained(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
 
 
 @contextlib.contextmanager
