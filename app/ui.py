@@ -61,8 +61,14 @@ CONCURRENCY = 2  # model calls at once; a 2-core CPU gains nothing from more
 EXAMPLES = H.example_prompts()
 EXAMPLE_LABELS = [label for label, _, _ in EXAMPLES]
 MAX_FILES = 200  # downloads kept in this process's folder; the oldest go first
-MAX_FILE_AGE_S = 3600.0  # and none older than this
-GRADIO_CACHE = (600, 3600)  # Gradio's own copies of them: every 10 min, delete those older than an hour
+
+
+def gradio_cache() -> tuple[int, int]:
+    """Gradio's delete_cache: (how often, how old) in seconds. Every run's JSON
+    differs (its timings), so Gradio copies each into its cache: without an
+    age limit the copies pile up (hundreds of MB an hour under load)."""
+    age = max(1, int(Limits.from_env().file_seconds))
+    return max(10, age // 4), age
 
 CSS = """
 .gradio-container {max-width: 1400px !important}
@@ -184,10 +190,11 @@ class Downloads:
     """The files behind the download buttons: a private folder of this process
     (mkdtemp: mode 0700, an unpredictable name; removed at exit), names we
     make (never a user path), at most MAX_FILES files none older than
-    MAX_FILE_AGE_S: each write deletes the stale ones."""
+    $POLAR_FILE_SECONDS: each write deletes the stale ones."""
 
-    def __init__(self, max_files: int = MAX_FILES, max_age_s: float = MAX_FILE_AGE_S):
-        self.max_files, self.max_age_s = max_files, max_age_s
+    def __init__(self, max_files: int = MAX_FILES, max_age_s: float | None = None):
+        self.max_files = max_files
+        self.max_age_s = Limits.from_env().file_seconds if max_age_s is None else max_age_s
         self._folder: Path | None = None
         self._lock = threading.Lock()
 
@@ -754,7 +761,7 @@ def _slug(name: str) -> str:
 
 def build_demo() -> gr.Blocks:
     """The whole page. Builds components only: the model loads on first use."""
-    with gr.Blocks(title="PoLar Explorer", delete_cache=GRADIO_CACHE) as demo:
+    with gr.Blocks(title="PoLar Explorer", delete_cache=gradio_cache()) as demo:
         session = gr.State(Session())
         gr.Markdown("# PoLar Explorer\nSee how a language model spends its layers: skip them, loop them, "
                     "and watch the answer change. ([PoLar](https://arxiv.org/abs/2606.06574))", elem_id="title")
@@ -815,15 +822,17 @@ def build_demo() -> gr.Blocks:
                           show_progress_on=text))
         then_run(predict.click(on_predict, [prompt, model], [table, message, *editor], api_name="predict",
                                show_progress_on=[table, text]))
+        # Searches and evaluations run minutes: one at a time, beside the runs' own slots.
+        jobs = dict(concurrency_id="job", concurrency_limit=1)
         searching = s_go.click(on_search, [prompt, expected, s_method, s_budget, model, exact], [s_table, s_message],
-                               api_name="search")
+                               api_name="search", **jobs)
         s_stop.click(None, None, None, cancels=[searching], api_visibility="private")
         then_run(s_table.select(clicked_row, None, search_row, api_visibility="private")
                  .success(on_pick_row, [s_table, search_row, model], editor, api_name="pick_search_result",
                           show_progress_on=text)
                  .success(lambda: gr.Tabs(selected="explore"), None, tabs, api_visibility="private"))
         evaluating = e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot, e_notes],
-                                api_name="evaluate")
+                                api_name="evaluate", **jobs)
         e_stop.click(None, None, None, cancels=[evaluating], api_visibility="private")
         for lesson_model, i, key, button in learn_buttons:
             loaded = button.click(functools.partial(on_learn, lesson_model, i), None,

@@ -8,6 +8,8 @@ enters (library calls from the app and the CLI) so a hosted demo stays usable.
     POLAR_REQUEST_SECONDS     wall time of one generation, prompt pass included (default 60)
     POLAR_JOB_SECONDS         wall time of one search or evaluation (default 300): it stops
                               there and shows what it has, marked partial
+    POLAR_FILE_SECONDS        how long the app keeps download files, its own and Gradio's
+                              copies (default 600)
     POLAR_MAX_UPLOAD_BYTES    size of an uploaded program JSON (default 65536)
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Limits:
     request_seconds: float = 60.0
     max_upload_bytes: int = 65536
     job_seconds: float = 300.0
+    file_seconds: float = 600.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -55,6 +58,7 @@ class Limits:
             "request_seconds": "POLAR_REQUEST_SECONDS",
             "max_upload_bytes": "POLAR_MAX_UPLOAD_BYTES",
             "job_seconds": "POLAR_JOB_SECONDS",
+            "file_seconds": "POLAR_FILE_SECONDS",
         }
         values = {}
         for f in fields(cls):

@@ -246,7 +246,8 @@ def test_downloads_live_in_a_private_folder_bounded_in_count_and_age():
     assert [p.name for p in folder.iterdir()] == ["program-new.json"]
 
 
-def test_gradio_deletes_its_cached_copies():
-    from app.ui import GRADIO_CACHE, build_demo
+def test_gradio_deletes_its_cached_copies(monkeypatch):
+    from app.ui import build_demo
 
-    assert build_demo().delete_cache == GRADIO_CACHE
+    monkeypatch.setenv("POLAR_FILE_SECONDS", "120")
+    assert build_demo().delete_cache == (30, 120)
