@@ -18,6 +18,7 @@ concurrent jobs of one client each get their whole answer.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import functools
 import hashlib
@@ -57,10 +58,12 @@ PLOTS = ("similarity", "logit_lens", "answer_probability", "block_influence", "a
 RUN_OUTPUTS = 14  # what a run returns besides the session state (see _run_outputs)
 STREAM_SECONDS = 0.15  # at most one partial answer update per this many seconds
 POLL_SECONDS = 0.5  # a search or evaluation yields this often, so Gradio can stop it
+SESSION_SECONDS = 1800
 CONCURRENCY = 2  # model calls at once; a 2-core CPU gains nothing from more
 EXAMPLES = H.example_prompts()
 EXAMPLE_LABELS = [label for label, _, _ in EXAMPLES]
 MAX_FILES = 200  # downloads kept in this process's folder; the oldest go first
+DOWNLOAD_PREFIXES = ("run-", "program-")  # the names _write gives (_program_file, _run_files)
 
 
 def gradio_cache() -> tuple[int, int]:
@@ -197,6 +200,7 @@ class Downloads:
         self.max_age_s = Limits.from_env().file_seconds if max_age_s is None else max_age_s
         self._folder: Path | None = None
         self._lock = threading.Lock()
+        self._cache_pruned = time.monotonic()
 
     @property
     def folder(self) -> Path:
@@ -212,6 +216,9 @@ class Downloads:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)  # a reader never sees half a file
         self.prune(keep=path)
+        if time.monotonic() - self._cache_pruned > max(10.0, self.max_age_s / 4):
+            self._cache_pruned = time.monotonic()
+            prune_gradio_cache(Path(gr.utils.get_upload_folder()), self.max_age_s)
         return str(path)
 
     def prune(self, keep: Path | None = None) -> None:
@@ -231,6 +238,31 @@ class Downloads:
         for path in stale:
             if path != keep:
                 path.unlink(missing_ok=True)
+
+
+def prune_gradio_cache(cache: Path, max_age_s: float, prefixes=DOWNLOAD_PREFIXES) -> int:
+    """Delete Gradio's cached copies of our downloads older than max_age_s; the number deleted.
+
+    Gradio copies every file a handler returns into its cache (a folder per
+    content hash). Its `delete_cache` cleans only the copies it tracks, and
+    it tracks none made for a streaming event (every run is one), so without
+    this they pile up: each run's JSON differs (its timings), one copy per
+    run. Only files named as ours are touched: the cache may be shared.
+    """
+    deleted, now = 0, time.time()
+    with contextlib.suppress(FileNotFoundError):
+        for folder in os.scandir(cache):
+            if not folder.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(folder.path):
+                    if entry.name.startswith(prefixes) and now - entry.stat().st_mtime > max_age_s:
+                        os.unlink(entry.path)
+                        deleted += 1
+                # An empty folder goes too, unless Gradio made it just now (to copy into it).
+                if not any(os.scandir(folder.path)) and now - folder.stat().st_mtime > max_age_s:
+                    os.rmdir(folder.path)
+    return deleted
 
 
 DOWNLOADS = Downloads()
@@ -762,7 +794,9 @@ def _slug(name: str) -> str:
 def build_demo() -> gr.Blocks:
     """The whole page. Builds components only: the model loads on first use."""
     with gr.Blocks(title="PoLar Explorer", delete_cache=gradio_cache()) as demo:
-        session = gr.State(Session())
+        # A page's memory (its last run, to redraw it) is dropped after SESSION_SECONDS without a change,
+        # so sessions that are never closed (API clients, a client opening many) do not pile up.
+        session = gr.State(Session(), time_to_live=SESSION_SECONDS)
         gr.Markdown("# PoLar Explorer\nSee how a language model spends its layers: skip them, loop them, "
                     "and watch the answer change. ([PoLar](https://arxiv.org/abs/2606.06574))", elem_id="title")
         model, status = _model_row()

@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,13 +106,25 @@ class UserLog:
     mismatches: list[str] = field(default_factory=list)
 
 
-def _user(url: str, index: int, expected: dict[Case, dict], deadline: float, log: UserLog) -> None:
-    """Send requests until the deadline, starting at case `index` and rotating."""
+_CLIENTS: dict[tuple[str, str], object] = {}  # (url, who) -> its gradio_client, kept across windows
+_STEPS: dict[tuple[str, str], int] = {}  # (url, who) -> requests sent so far (the rotation goes on)
+
+
+def _client(url: str, who: str):
+    """The client of user or hostile client `who`: made once, so it keeps its session across windows
+    (as a person keeps their page open)."""
     from gradio_client import Client
 
+    if (url, who) not in _CLIENTS:
+        _CLIENTS[url, who] = Client(url, verbose=False)
+    return _CLIENTS[url, who]
+
+
+def _user(url: str, index: int, expected: dict[Case, dict], deadline: float, log: UserLog) -> None:
+    """Send requests until the deadline, starting at case `index` and rotating."""
     cases = list(expected)
     try:
-        client = Client(url, verbose=False)  # its own session, as a separate browser would have
+        client = _client(url, f"user {index}")  # its own session, as a separate browser would have
     except Exception as exc:  # a user that cannot connect is an error, not a crash of the test
         log.errors.append(f"user {index}: connect: {exc!r}"[:300])
         return
@@ -190,17 +203,16 @@ class HostileLog:
 
 
 def _hostile(url: str, index: int, deadline: float, log: HostileLog) -> None:
-    from gradio_client import Client
-
+    who = f"hostile {index}"
     try:
-        client = Client(url, verbose=False)
+        client = _client(url, who)
     except Exception as exc:
-        log.errors.append(f"hostile {index}: connect: {exc!r}"[:300])
+        log.errors.append(f"{who}: connect: {exc!r}"[:300])
         return
-    step = index * 3  # the two clients start at different kinds
+    _STEPS.setdefault((url, who), index * len(HOSTILE_REQUESTS) // 2)  # the two clients start apart
     while time.monotonic() < deadline:
-        kind, send = HOSTILE_REQUESTS[step % len(HOSTILE_REQUESTS)]
-        step += 1
+        kind, send = HOSTILE_REQUESTS[_STEPS[url, who] % len(HOSTILE_REQUESTS)]
+        _STEPS[url, who] += 1
         started = time.perf_counter()
         try:
             send(client)
@@ -399,6 +411,15 @@ def hostile_failures(log: HostileLog) -> list[str]:
     return bad
 
 
+def rss_trend(samples: list[tuple[float, float]]) -> float:
+    """RSS growth over the load: median of the last quarter of samples / median of the first quarter - 1."""
+    values = [mib for _, mib in samples]
+    if len(values) < 4:
+        return values[-1] / values[0] - 1 if values else 0.0
+    quarter = len(values) // 4
+    return statistics.median(values[-quarter:]) / statistics.median(values[:quarter]) - 1
+
+
 def files_level_off(samples: list[int]) -> bool:
     """Whether the temporary files stopped growing: the last sample is at most
     TEMP_GROWTH times the one at half time (old files are deleted as new ones come)."""
@@ -422,7 +443,7 @@ def report(args, serial_s: float, warm: Phase, quiet: Phase, hostile: Phase, rss
            sampler: RssSampler, files: tuple[int, int], load_avg: tuple[float, float, float], env: dict) -> str:
     from app.ui import CONCURRENCY
 
-    growth = rss_end / rss_warm - 1
+    growth = rss_trend(sampler.samples)
     samples = sampler.samples
     max_files = max([files[1], *sampler.files])
     _, text = verdict(quiet, hostile, warm, growth, sampler.files)
@@ -462,9 +483,10 @@ def report(args, serial_s: float, warm: Phase, quiet: Phase, hostile: Phase, rss
         "",
         *_hostile_rows(hostile.hostile),
         "",
-        f"Server RSS: {rss_warm:.0f} MiB after warm-up, {rss_end:.0f} MiB at the end: growth {growth:+.1%} "
-        f"(limit < {MAX_RSS_GROWTH:.0%}). Samples every 10 s (MiB): " + ", ".join(f"{mib:.0f}" for _, mib in samples)
-        + ".",
+        f"Server RSS: {rss_warm:.0f} MiB after warm-up, {rss_end:.0f} MiB at the end; growth {growth:+.1%} "
+        f"(limit < {MAX_RSS_GROWTH:.0%}), measured as the median of the last quarter of the samples over the "
+        "median of the first quarter (one sample swings by +-10% with what is running at that moment). "
+        "Samples every 10 s (MiB): " + ", ".join(f"{mib:.0f}" for _, mib in samples) + ".",
         "",
         f"Temporary files under the server's TMPDIR (its download folder and Gradio's cache): {files[0]} after "
         f"warm-up, {files[1]} at the end, at most {max_files}; they must level off (the last sample at most "
@@ -524,7 +546,7 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")
-    ok, _ = verdict(quiet, hostile, warm, rss_end / rss_warm - 1, sampler.files)
+    ok, _ = verdict(quiet, hostile, warm, rss_trend(sampler.samples), sampler.files)
     return 0 if ok else 1
 
 

@@ -251,3 +251,22 @@ def test_gradio_deletes_its_cached_copies(monkeypatch):
 
     monkeypatch.setenv("POLAR_FILE_SECONDS", "120")
     assert build_demo().delete_cache == (30, 120)
+
+
+def test_gradio_copies_of_our_downloads_are_pruned(tmp_path):
+    """Gradio's delete_cache tracks no copy made for a streaming event (every
+    run): prune_gradio_cache deletes the aged copies named as ours, nothing else."""
+    from app.ui import prune_gradio_cache
+
+    old, new, other = tmp_path / "aaa", tmp_path / "bbb", tmp_path / "ccc"
+    for folder, name in ((old, "run-1.json"), (new, "run-2.json"), (other, "someone-else.png")):
+        folder.mkdir()
+        (folder / name).write_text("{}")
+    for path in (old / "run-1.json", other / "someone-else.png", old, other):
+        os.utime(path, (0, 0))
+    assert prune_gradio_cache(tmp_path, max_age_s=60) == 1
+    assert not (old / "run-1.json").exists() and (new / "run-2.json").exists()
+    assert (other / "someone-else.png").exists()
+    os.utime(old, (0, 0))  # the emptied folder goes on a later pass, once it is old too
+    prune_gradio_cache(tmp_path, max_age_s=60)
+    assert not old.exists() and new.exists() and other.exists()
