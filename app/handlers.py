@@ -412,6 +412,21 @@ def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_
     return trace
 
 
+def check_prompt_pass_fits(base: Trace, program: Program, limit_s: float) -> None:
+    """Refuse up front a program whose prompt pass cannot finish in the time limit.
+
+    The full program's prompt pass was just timed on this prompt; the
+    edited one costs about as much per layer call, so a looped program on a
+    long prompt is refused before it holds a model slot until the limit
+    (the prompt pass would stop there anyway, PromptPassStopped).
+    """
+    estimate = base.prefill_seconds * program.layer_calls / max(1, base.program.layer_calls)
+    if estimate > limit_s:
+        raise InputError(f"Program {program.format()}: its prompt pass ({len(base.prompt_ids)} tokens x "
+                         f"{program.layer_calls} layer calls) would take about {estimate:.0f} s, more than the "
+                         f"time limit of {limit_s:g} s: try a shorter prompt or a program with fewer layer calls.")
+
+
 def baseline_trace(lm: LoadedModel, session: Session, prompt: str, should_stop=None, on_text=None):
     """The full program's trace of this prompt, from the session when already run."""
     key = (lm.name, str(lm.device), prompt)
@@ -444,6 +459,8 @@ def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", sh
     # for a while: checking those as drafts, several tokens per pass, decodes
     # such stretches fast (and changes no answer).
     drafts = [base.token_ids, session.last_edit_tokens]
+    if not program.is_full:
+        check_prompt_pass_fits(base, program, Limits.from_env().request_seconds)
     trace = base if program.is_full else _generate(lm, prompt, program, drafts, should_stop, on_text("edited"))
     if not program.is_full:
         session.last_edit_tokens = list(trace.token_ids)

@@ -270,3 +270,19 @@ def test_gradio_copies_of_our_downloads_are_pruned(tmp_path):
     os.utime(old, (0, 0))  # the emptied folder goes on a later pass, once it is old too
     prune_gradio_cache(tmp_path, max_age_s=60)
     assert not old.exists() and new.exists() and other.exists()
+
+
+def test_a_prompt_pass_that_cannot_fit_is_refused_up_front(lm, monkeypatch):
+    """The full program's timed prompt pass predicts the edited one's: a program
+    of 4x the layer calls whose estimate passes the limit never runs."""
+    from polar_core.engine import generate as engine
+
+    session = Session()
+    H.baseline_trace(lm, session, PROMPT)
+    session.baseline.prefill_seconds = 1.0  # as if the full program's prompt pass took 1 s
+    monkeypatch.setenv("POLAR_REQUEST_SECONDS", "3")
+    ran = []
+    monkeypatch.setattr(H, "generate", lambda *a, **k: ran.append(1) or engine.generate(*a, **k))
+    with pytest.raises(InputError, match="would take about 4 s, more than the time limit of 3 s"):
+        H.run(lm, session, PROMPT, "0-3x4")
+    assert ran == []  # refused before any model work
