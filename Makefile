@@ -42,8 +42,9 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium could not be installed: browser tests will be skipped"
 
-# Benchmark, not a test: 8 gradio_client users for 2 minutes against app.py on
-# 127.0.0.1; every answer must equal its serial result. Writes the results file.
+# Benchmark, not a test: 8 gradio_client users against app.py on 127.0.0.1, 2
+# minutes alone and 2 minutes beside 2 hostile clients, in alternating windows;
+# every answer must equal its serial result. Writes the results file (~5 min).
 loadtest: $(STAMP)
 	$(PY) bench/load_test.py --out bench/results/load_test.md
 

@@ -25,11 +25,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app import figures
+from app.escape import escape_md
 from app.session import InputError, Session
-from polar_core.engine.generate import Stopping, Trace, generate
+from polar_core.engine.generate import PromptPassStopped, Stopping, Trace, generate
 from polar_core.engine.inputs import PromptError
 from polar_core.engine.models import DEFAULT_MODEL, MODEL_ALIASES, LoadedModel
-from polar_core.limits import LimitError, Limits
+from polar_core.limits import Deadline, LimitError, Limits, load_json
 from polar_core.program import DEFAULT_MAX_STEPS_PER_LAYER, Program, ProgramError
 from polar_core.study import tasks
 from polar_core.study.analysis import Analysis, analyze, word_marks
@@ -38,7 +39,7 @@ from polar_core.study.evaluate import evaluate_family as library_evaluate_family
 from polar_core.study.find import find_programs
 from polar_core.study.prompts import PromptStyle, has_chat_template, prompt_style, shown_answer
 from polar_core.study.redundancy import gromov_program, shortgpt_program
-from polar_core.study.router import CONFIG_FILE, RouterError, default_router_path, load_router, predict_programs
+from polar_core.study.router import CONFIG_FILE, default_router_path, load_router, predict_programs
 from polar_core.study.tasks import FAMILIES
 
 MAX_PROMPT_CHARS = 4000
@@ -54,13 +55,26 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ inputs
+# A lone surrogate is not text (the tokenizer raises TypeError on it) and a
+# NUL byte is never meant: both are refused before any model work.
+_NOT_TEXT = re.compile("[\ud800-\udfff\x00]")
+
+
+def _check_chars(text: str, what: str) -> str:
+    bad = _NOT_TEXT.search(text)
+    if bad is not None:
+        kind = "a NUL character" if bad.group() == "\x00" else "a lone surrogate (half of a UTF-16 pair)"
+        raise InputError(f"{what} holds {kind} at position {bad.start()}: it is not text. Remove it and try again.")
+    return text
+
+
 def check_prompt(prompt) -> str:
-    """The prompt, or InputError when it is empty or too long."""
+    """The prompt, or InputError when it is empty, too long or not text."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("Type a prompt first (or pick an example).")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"The prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
-    return prompt
+    return _check_chars(prompt, "The prompt")
 
 
 def check_expected(expected) -> str:
@@ -74,7 +88,7 @@ def check_expected(expected) -> str:
         raise InputError(f"The expected answer has {len(expected)} characters; the limit is {MAX_EXPECTED_CHARS}.")
     if "\n" in expected:
         raise InputError("The expected answer must be one line.")
-    return expected
+    return _check_chars(expected, "The expected answer")
 
 
 def parse_program(text, num_layers: int) -> Program:
@@ -83,6 +97,7 @@ def parse_program(text, num_layers: int) -> Program:
         raise InputError("The program must be text such as '0-11, 12-15x2, 16-29'.")
     if len(text) > MAX_PROGRAM_CHARS:
         raise InputError(f"The program text has {len(text)} characters; the limit is {MAX_PROGRAM_CHARS}.")
+    _check_chars(text, "The program text")
     try:
         return Program.parse(text, num_layers, max_steps=Limits.from_env().max_steps(num_layers))
     except ProgramError as exc:
@@ -213,7 +228,7 @@ def _whole(value, name: str, low: int, high: int) -> int:
 def preset_program(lm: LoadedModel, preset: str, n=4, a=0, b=0, r=2) -> Program:
     """One of the PRESETS, with its numbers checked against the model depth."""
     D = lm.num_layers
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise InputError(f"Unknown preset {str(preset)[:30]!r}; choose one of {', '.join(PRESETS)}.")
     if preset == "full":
         return Program.full(D)
@@ -274,10 +289,13 @@ def load_router_for(lm: LoadedModel):
         return None, "none ships for it"
     try:
         return load_router(folder, lm), ""
-    except RouterError as exc:
+    # RouterError for what the checks catch; anything else (a failed
+    # allocation, a torch error) must not stop the app either.
+    except Exception as exc:  # noqa: BLE001
         log.warning("router checkpoint %s not loaded: %s", folder, exc)
         # The page names the problem, not where the server keeps its files.
-        return None, f"its router checkpoint cannot be used: {str(exc).replace(str(folder), folder.name)}"
+        why = str(exc).replace(str(folder), folder.name)[:300]
+        return None, f"its router checkpoint cannot be used: {why}"
 
 
 def predict(lm: LoadedModel, prompt, k: int = 5) -> Prediction:
@@ -294,15 +312,6 @@ def predict(lm: LoadedModel, prompt, k: int = 5) -> Prediction:
 
 
 # -------------------------------------------------------------------- run
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
-
-
-def escape_md(text: str) -> str:
-    """User text made inert in a Markdown component: HTML escaped, Markdown
-    punctuation backslashed, newlines as spaces."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
-
-
 @dataclass(frozen=True)
 class Stamp:
     """What a result was computed from. Every result the page shows carries
@@ -356,7 +365,7 @@ def answer_heading(title: str, answer: Answer, rule_text: str = "") -> str:
     """Markdown above an answer: which program, its cost, and its mark with the rule beside it."""
     mark = ""
     if answer.correct is not None:
-        mark = (" · ✓ right" if answer.correct else " · ✗ wrong") + (f" — {rule_text}" if rule_text else "")
+        mark = (" · ✓ right" if answer.correct else " · ✗ wrong") + (f" — {escape_md(rule_text)}" if rule_text else "")
     return f"{title} `{answer.program}` · {answer.steps} layer calls/token{mark}"
 
 
@@ -393,9 +402,29 @@ def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_
                          on_tokens=_text_so_far(lm, style, on_text))[0]
     except (PromptError, ProgramError) as exc:
         raise InputError(str(exc)) from None
+    except PromptPassStopped as exc:
+        if exc.reason == "cancelled":
+            raise Superseded from None
+        raise InputError(f"Program {program.format()}: {exc}: try a shorter prompt or a program with fewer "
+                         "layer calls.") from None
     if trace.finish_reason == "cancelled":
         raise Superseded
     return trace
+
+
+def check_prompt_pass_fits(base: Trace, program: Program, limit_s: float) -> None:
+    """Refuse up front a program whose prompt pass cannot finish in the time limit.
+
+    The full program's prompt pass was just timed on this prompt; the
+    edited one costs about as much per layer call, so a looped program on a
+    long prompt is refused before it holds a model slot until the limit
+    (the prompt pass would stop there anyway, PromptPassStopped).
+    """
+    estimate = base.prefill_seconds * program.layer_calls / max(1, base.program.layer_calls)
+    if estimate > limit_s:
+        raise InputError(f"Program {program.format()}: its prompt pass ({len(base.prompt_ids)} tokens x "
+                         f"{program.layer_calls} layer calls) would take about {estimate:.0f} s, more than the "
+                         f"time limit of {limit_s:g} s: try a shorter prompt or a program with fewer layer calls.")
 
 
 def baseline_trace(lm: LoadedModel, session: Session, prompt: str, should_stop=None, on_text=None):
@@ -430,6 +459,8 @@ def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", sh
     # for a while: checking those as drafts, several tokens per pass, decodes
     # such stretches fast (and changes no answer).
     drafts = [base.token_ids, session.last_edit_tokens]
+    if not program.is_full:
+        check_prompt_pass_fits(base, program, Limits.from_env().request_seconds)
     trace = base if program.is_full else _generate(lm, prompt, program, drafts, should_stop, on_text("edited"))
     if not program.is_full:
         session.last_edit_tokens = list(trace.token_ids)
@@ -573,12 +604,11 @@ def program_from_upload(data, num_layers: int) -> Program:
     limits = Limits.from_env()
     try:
         limits.check_upload(data)
+        obj = load_json(data, limits.max_upload_bytes)  # size, nesting and integers bounded before parsing
     except LimitError as exc:
         raise InputError(f"Program file: {exc}.") from None
-    try:
-        obj = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"The file is not valid JSON: {exc}") from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise InputError(f"The file is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise InputError("A program file holds one JSON object with 'path' (or 'text') and 'num_layers'.")
     unknown = sorted(set(obj) - PROGRAM_JSON_KEYS)
@@ -646,34 +676,42 @@ class SearchView:
 
 
 def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", budget=100, progress=None,
-                    exact: bool = False) -> SearchView:
+                    exact: bool = False, cancelled=None) -> SearchView:
     """Find programs whose greedy answer is `expected`, shortest first, each verified by decoding.
 
     Answers are checked as the Explore tab marks them (the prompt's rule).
+    The search stops at $POLAR_JOB_SECONDS or when `cancelled()` turns true,
+    and shows what it found, marked partial.
 
     Args:
         progress: optional callable(fraction, message), e.g. a gr.Progress.
         exact: check free-text answers exactly (default: they must contain `expected`).
+        cancelled: optional callable, true once the client left or pressed Stop.
     """
     prompt, expected = check_prompt(prompt), check_expected(expected)
     if not expected:
         raise InputError("Search needs an expected answer: a program is valid when it produces it.")
     if method not in SEARCH_METHODS:
         raise InputError(f"Unknown search method {str(method)[:20]!r}; choose {' or '.join(SEARCH_METHODS)}.")
+    limits = Limits.from_env()
     try:
-        budget = Limits.from_env().check_search_budget(_whole(budget, "Budget", 1, 10**6))
+        budget = limits.check_search_budget(_whole(budget, "Budget", 1, 10**6))
     except LimitError as exc:
         raise InputError(str(exc)) from None
     report = None if progress is None else (lambda done, total: progress(min(1.0, done / total), f"{done} programs scored"))
+    deadline = Deadline(limits.job_seconds, cancelled)
     try:
-        found = find_programs(lm, prompt, expected, method=method, budget=budget, progress=report, exact=bool(exact))
+        found = find_programs(lm, prompt, expected, method=method, budget=budget, progress=report, exact=bool(exact),
+                              should_stop=deadline)
     except PromptError as exc:
         raise InputError(str(exc)) from None
     table = pd.DataFrame(
         [[i + 1, p.format(), p.layer_calls, f"{1 - p.compute_fraction:.0%}", answer]
          for i, (p, answer) in enumerate(zip(found.programs, found.answers))], columns=SEARCH_COLUMNS)
-    full = "right" if found.full_valid else "wrong"
-    message = (f"{method} search scored {found.programs_scored} programs in {found.seconds:.1f} s; the full program is "
+    full = {True: "right", False: "wrong", None: "not scored yet"}[found.full_valid]
+    partial = (f"**Partial results**: the search {deadline.describe()} after {found.programs_scored} of "
+               f"{budget} programs. " if found.stopped else "")
+    message = (partial + f"{method} search scored {found.programs_scored} programs in {found.seconds:.1f} s; the full program is "
                f"**{full}** (an answer is right when it {describe_rule(found.rule, escape_md(expected))}). "
                f"{len(found.programs)} valid program(s) shown, shortest first (checked by decoding)"
                + (": click one to load it into the editor." if found.programs else ".")
@@ -685,9 +723,10 @@ def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", b
 EVAL_COLUMNS = ["method", "accuracy", "layer calls/token", "oracle", "note"]
 
 
-def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
+def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6, cancelled=None):
     """Router top-1 (when a router is loaded) and baselines over a task family
-    (polar_core.study.evaluate.evaluate_family).
+    (polar_core.study.evaluate.evaluate_family). It stops at $POLAR_JOB_SECONDS
+    or when `cancelled()` turns true, with the rows finished so far, marked partial.
 
     Returns (table, markdown report, accuracy-vs-depth figure, the table's
     notes as markdown: which depth the static baselines ran at, and why).
@@ -697,14 +736,17 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
     n_items = _whole(n_items, "Items", 1, 200)
     drop = _whole(drop, "Layers to drop", 0, lm.num_layers - 1)
     router, why_none = load_router_for(lm)
-    table = library_evaluate_family(lm, router, family, n_items=n_items, drop=drop, why_no_router=why_none)
+    deadline = Deadline(Limits.from_env().job_seconds, cancelled)
+    table = library_evaluate_family(lm, router, family, n_items=n_items, drop=drop, why_no_router=why_none,
+                                    should_stop=deadline)
     df = table.frame()
     shown = pd.DataFrame({"method": df["method"], "accuracy": df["accuracy"].map("{:.1%}".format),
                           "layer calls/token": df["layer_calls"].map("{:.2f}".format),
                           "oracle": df["oracle"].map({True: "yes", False: ""}), "note": df["note"]},
                          columns=EVAL_COLUMNS)
-    notes = "\n".join([f"- Model **{escape_md(lm.name)}**, {escape_md(table.title)}."]
-                      + [f"- {note}" for note in table.notes])
+    partial = [f"- **Partial results**: the evaluation {deadline.describe()}."] if deadline.reason else []
+    notes = "\n".join(partial + [f"- Model **{escape_md(lm.name)}**, {escape_md(table.title)}."]
+                       + [f"- {note}" for note in table.notes])
     return shown, table.to_markdown(), figures.accuracy_vs_depth(table.points()), notes
 
 

@@ -49,6 +49,8 @@ def check_model_spec(spec: str | None) -> str:
     hub id ``org/name`` is accepted too, but never a local path: a page must
     not make the server read files it names.
     """
+    if spec is not None and not isinstance(spec, str):
+        raise InputError(f"The model must be named by text, got {type(spec).__name__}.")
     spec = (spec or "").strip() or default_model()
     if spec in allowed_models():
         return spec

@@ -17,12 +17,17 @@ concurrent jobs of one client each get their whole answer.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import contextvars
 import functools
 import hashlib
 import inspect
 import json
 import logging
+import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -33,6 +38,7 @@ from gradio.components.plot import PlotData
 
 from app import figures
 from app import handlers as H
+from app.escape import code_md, escape_html
 from app.session import RUN_TICKETS, InputError, Session, allowed_models, any_model_allowed, default_model, get_model
 from polar_core.engine.models import DEFAULT_MODEL
 from polar_core.limits import Limits
@@ -51,10 +57,21 @@ log = logging.getLogger(__name__)
 PLOTS = ("similarity", "logit_lens", "answer_probability", "block_influence", "alignment")
 RUN_OUTPUTS = 14  # what a run returns besides the session state (see _run_outputs)
 STREAM_SECONDS = 0.15  # at most one partial answer update per this many seconds
+POLL_SECONDS = 0.5  # a search or evaluation yields this often, so Gradio can stop it
+SESSION_SECONDS = 1800
 CONCURRENCY = 2  # model calls at once; a 2-core CPU gains nothing from more
 EXAMPLES = H.example_prompts()
 EXAMPLE_LABELS = [label for label, _, _ in EXAMPLES]
-FILES = Path(tempfile.gettempdir()) / "polar-explorer"  # downloads the server writes, under names it makes
+MAX_FILES = 200  # downloads kept in this process's folder; the oldest go first
+DOWNLOAD_PREFIXES = ("run-", "program-")  # the names _write gives (_program_file, _run_files)
+
+
+def gradio_cache() -> tuple[int, int]:
+    """Gradio's delete_cache: (how often, how old) in seconds. Every run's JSON
+    differs (its timings), so Gradio copies each into its cache: without an
+    age limit the copies pile up (hundreds of MB an hour under load)."""
+    age = max(1, int(Limits.from_env().file_seconds))
+    return max(10, age // 4), age
 
 CSS = """
 .gradio-container {max-width: 1400px !important}
@@ -96,9 +113,11 @@ COPY_JS = """
 
 # Right after an edit, before the server has run it: the edited answer's
 # heading names the new program, and no answer of another program is shown.
+# The program is the text box's value: made inert as app.escape.code_md does on the server.
 PENDING_JS = """
 (auto, program) => [
-  "Edited program `" + program + "` · " + (auto ? "running…" : "not run yet: press **Run**"),
+  "Edited program `" + String(program).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+    .replace(/`/g, "'") + "` · " + (auto ? "running…" : "not run yet: press **Run**"),
   [{token: auto ? "…" : "(press Run)", class_or_confidence: null}],
 ]
 """
@@ -114,6 +133,19 @@ def launch_kwargs() -> dict:
                 max_file_size=f"{Limits.from_env().max_upload_bytes // 1024}kb")
 
 
+def _error(message) -> gr.Error:
+    """An error toast. Toasts render HTML, and messages quote user input: escaped."""
+    return gr.Error(escape_html(message), duration=10)
+
+
+def _warn(message) -> None:
+    gr.Warning(escape_html(message))
+
+
+def _info(message) -> None:
+    gr.Info(escape_html(message))
+
+
 def _guard(fn):
     """Show an InputError as an error toast; the page keeps its state.
 
@@ -125,7 +157,7 @@ def _guard(fn):
             try:
                 yield from fn(*args, **kwargs)
             except InputError as exc:
-                raise gr.Error(str(exc), duration=10) from None
+                raise _error(exc) from None
         return stream
 
     @functools.wraps(fn)
@@ -133,7 +165,7 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            raise gr.Error(str(exc), duration=10) from None
+            raise _error(exc) from None
     return wrapper
 
 
@@ -157,12 +189,88 @@ def _editor_outputs(program, request=None, keep=()) -> tuple:
             view.note, view.roll, _program_file(program))
 
 
+class Downloads:
+    """The files behind the download buttons: a private folder of this process
+    (mkdtemp: mode 0700, an unpredictable name; removed at exit), names we
+    make (never a user path), at most MAX_FILES files none older than
+    $POLAR_FILE_SECONDS: each write deletes the stale ones."""
+
+    def __init__(self, max_files: int = MAX_FILES, max_age_s: float | None = None):
+        self.max_files = max_files
+        self.max_age_s = Limits.from_env().file_seconds if max_age_s is None else max_age_s
+        self._folder: Path | None = None
+        self._lock = threading.Lock()
+        self._cache_pruned = time.monotonic()
+
+    @property
+    def folder(self) -> Path:
+        with self._lock:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="polar-explorer-"))
+                atexit.register(shutil.rmtree, self._folder, True)
+            return self._folder
+
+    def write(self, name: str, text: str) -> str:
+        path = self.folder / name
+        tmp = path.with_name(f".{name}.{threading.get_ident()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # a reader never sees half a file
+        self.prune(keep=path)
+        if time.monotonic() - self._cache_pruned > max(10.0, self.max_age_s / 4):
+            self._cache_pruned = time.monotonic()
+            prune_gradio_cache(Path(gr.utils.get_upload_folder()), self.max_age_s)
+        return str(path)
+
+    def prune(self, keep: Path | None = None) -> None:
+        """Delete files older than max_age_s, then the oldest beyond max_files."""
+        now, files = time.time(), []
+        for entry in os.scandir(self.folder):
+            if entry.name.startswith("."):  # being written
+                continue
+            try:
+                files.append((entry.stat().st_mtime, Path(entry.path)))
+            except FileNotFoundError:  # another thread pruned it
+                continue
+        files.sort()
+        stale = [p for t, p in files if now - t > self.max_age_s]
+        fresh = [p for t, p in files if now - t <= self.max_age_s]
+        stale += fresh[: max(0, len(fresh) - self.max_files)]
+        for path in stale:
+            if path != keep:
+                path.unlink(missing_ok=True)
+
+
+def prune_gradio_cache(cache: Path, max_age_s: float, prefixes=DOWNLOAD_PREFIXES) -> int:
+    """Delete Gradio's cached copies of our downloads older than max_age_s; the number deleted.
+
+    Gradio copies every file a handler returns into its cache (a folder per
+    content hash). Its `delete_cache` cleans only the copies it tracks, and
+    it tracks none made for a streaming event (every run is one), so without
+    this they pile up: each run's JSON differs (its timings), one copy per
+    run. Only files named as ours are touched: the cache may be shared.
+    """
+    deleted, now = 0, time.time()
+    with contextlib.suppress(FileNotFoundError):
+        for folder in os.scandir(cache):
+            if not folder.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(folder.path):
+                    if entry.name.startswith(prefixes) and now - entry.stat().st_mtime > max_age_s:
+                        os.unlink(entry.path)
+                        deleted += 1
+                # An empty folder goes too, unless Gradio made it just now (to copy into it).
+                if not any(os.scandir(folder.path)) and now - folder.stat().st_mtime > max_age_s:
+                    os.rmdir(folder.path)
+    return deleted
+
+
+DOWNLOADS = Downloads()
+
+
 def _write(name: str, text: str) -> str:
-    """A file for a download button, written by us under a name we make (never a user path)."""
-    FILES.mkdir(exist_ok=True)
-    path = FILES / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    """A file for a download button (see Downloads)."""
+    return DOWNLOADS.write(name, text)
 
 
 def _digest(*parts) -> str:
@@ -213,7 +321,7 @@ def _grid(rows, text, model, request, keep):
     try:
         return _editor_outputs(H.program_from_grid(rows, lm.num_layers), request, keep)
     except InputError as exc:
-        gr.Warning(f"{exc} The grid shows the program again.")
+        _warn(f"{exc} The grid shows the program again.")
         return _editor_outputs(H.parse_program(text, lm.num_layers), request)
 
 
@@ -248,7 +356,7 @@ def on_predict(prompt, model, request: gr.Request = None):
     pred = H.predict(lm, prompt)
     program = pred.programs[0] if pred.programs else H.Program.full(lm.num_layers)
     if not pred.programs:
-        gr.Info(pred.message)
+        _info(pred.message)
     return (pred.rows, pred.message, *_editor_outputs(program, request))
 
 
@@ -267,22 +375,63 @@ def on_pick_row(table, row, model, request: gr.Request = None):
         raise InputError(f"Pick a row by its index, got {str(row)[:20]!r}.") from None
     if not rows or not 0 <= row < len(rows):
         raise InputError(f"Pick a row with a program: the table has {len(rows)} row(s), got row {row}.")
+    if len(rows[row]) < 2:
+        raise InputError(f"Row {row} of the table holds no program.")
     return _editor_outputs(H.parse_program(str(rows[row][1]), get_model(model).num_layers), request)
+
+
+def _until_done(work):
+    """Run `work(cancelled)` in a thread; yield None while it runs, then its result.
+
+    Gradio can stop a handler only where it yields: when the client leaves
+    or presses Stop, it closes this generator at its next yield, which sets
+    `cancelled` (the work stops at its next check) instead of leaving a
+    search to hold a model slot for minutes. The thread runs in this
+    request's context, so gr.Progress still reaches the page.
+    """
+    closed, out = threading.Event(), {}
+    context = contextvars.copy_context()
+
+    def target():
+        try:
+            out["value"] = context.run(work, closed.is_set)
+        except BaseException as exc:  # re-raised below, in the request's own thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, name="polar-job", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(POLL_SECONDS)
+            if thread.is_alive():
+                yield None
+    finally:
+        closed.set()
+    if "error" in out:
+        raise out["error"]
+    yield out["value"]
 
 
 @_guard
 @gpu
 def on_search(prompt, expected, method, budget, model, exact=False, progress=gr.Progress()):
+    """Search in a worker thread, stoppable (see _until_done); partial results at the time limit."""
+    lm = get_model(model)
     progress(0, desc="searching")
-    view = H.search_programs(get_model(model), prompt, expected, method, budget,
-                             progress=lambda frac, msg: progress(frac, desc=msg), exact=exact)
-    return view.table, view.message
+    def work(cancelled):
+        return H.search_programs(lm, prompt, expected, method, budget, exact=exact, cancelled=cancelled,
+                                 progress=lambda frac, msg: progress(frac, desc=msg))
+
+    for view in _until_done(work):
+        yield (gr.skip(), gr.skip()) if view is None else (view.table, view.message)
 
 
 @_guard
 @gpu
 def on_evaluate(family, n_items, drop, model, progress=gr.Progress(track_tqdm=True)):
-    return H.evaluate_family(get_model(model), family, n_items, drop)
+    lm = get_model(model)
+    for result in _until_done(lambda cancelled: H.evaluate_family(lm, family, n_items, drop, cancelled=cancelled)):
+        yield tuple(gr.skip() for _ in range(4)) if result is None else result
 
 
 def _lesson(lesson_model: str, index) -> tuple[int, dict]:
@@ -335,7 +484,7 @@ def _run_outputs(view: H.RunView, session: Session) -> tuple:
 def _pending_outputs(program_text: str, answers: dict[str, str] | None = None) -> tuple:
     """While a run goes: headings say what runs, answers show as they grow; charts stay, marked as old."""
     out = [gr.skip() for _ in range(RUN_OUTPUTS + 1)]
-    shown = " ".join(str(program_text).split())[: H.MAX_PROGRAM_CHARS]
+    shown = code_md(str(program_text)[: H.MAX_PROGRAM_CHARS])
     for which, title, column in (("full", "Full program", 0), ("edited", f"Edited program `{shown}`", 2)):
         if answers is None or which in answers:
             out[column] = f"{title} · " + ("running…" if answers is None else "generating…")
@@ -445,7 +594,7 @@ def on_load(session, request: gr.Request):
     try:
         lm = get_model(model)
     except InputError as exc:
-        gr.Warning(f"{exc} Using {default_model()}.")
+        _warn(f"{exc} Using {default_model()}.")
         model, lm = default_model(), get_model(default_model())
     card = gr.update(value="", visible=False)
     lessons = H.learn_examples(model)
@@ -455,7 +604,7 @@ def on_load(session, request: gr.Request):
     try:
         program = H.parse_program(state.get("program", "full"), lm.num_layers)
     except InputError as exc:
-        gr.Warning(f"The link's program was ignored: {exc}")
+        _warn(f"The link's program was ignored: {exc}")
         program = H.Program.full(lm.num_layers)
     return (model, state.get("prompt", ""), state.get("expected", ""), H.model_status(lm), card,
             *_editor_outputs(program, request), session if isinstance(session, Session) else Session())
@@ -586,11 +735,13 @@ def _search_tab():
                                elem_id="search-budget")
             go_ = gr.Button("Find shorter programs", variant="primary", scale=2, min_width=160,
                             elem_id="search-button")
-        message = gr.Markdown()
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="search-stop")
+        message = gr.Markdown(f"A search stops after {Limits.from_env().job_seconds:g} s at the latest and shows "
+                              "what it found.")
         table = gr.Dataframe(headers=H.SEARCH_COLUMNS, type="array",
                              datatype=["number", "str", "number", "str", "str"], interactive=False,
                              max_height=360, elem_id="search-results")
-    return method, budget, go_, message, table
+    return method, budget, go_, stop, message, table
 
 
 def _evaluate_tab():
@@ -605,13 +756,14 @@ def _evaluate_tab():
                              label="Layers dropped by static baselines (when there is no router, or it keeps "
                                    "every layer)")
             go_ = gr.Button("Evaluate", variant="primary", scale=1, min_width=100, elem_id="evaluate-button")
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="evaluate-stop")
         notes = gr.Markdown(elem_id="eval-notes")
         table = gr.Dataframe(headers=H.EVAL_COLUMNS, type="array", interactive=False, wrap=True, elem_id="eval-table")
         plot = gr.Plot(show_label=False, elem_id="eval-plot")
         gr.Markdown(figures.CAPTIONS["accuracy"], elem_classes="caption")
         with gr.Accordion("Markdown report", open=False):
             report = gr.Markdown()
-    return family, n_items, drop, go_, table, report, plot, notes
+    return family, n_items, drop, go_, stop, table, report, plot, notes
 
 
 def _learn_tab():
@@ -641,8 +793,10 @@ def _slug(name: str) -> str:
 
 def build_demo() -> gr.Blocks:
     """The whole page. Builds components only: the model loads on first use."""
-    with gr.Blocks(title="PoLar Explorer") as demo:
-        session = gr.State(Session())
+    with gr.Blocks(title="PoLar Explorer", delete_cache=gradio_cache()) as demo:
+        # A page's memory (its last run, to redraw it) is dropped after SESSION_SECONDS without a change,
+        # so sessions that are never closed (API clients, a client opening many) do not pile up.
+        session = gr.State(Session(), time_to_live=SESSION_SECONDS)
         gr.Markdown("# PoLar Explorer\nSee how a language model spends its layers: skip them, loop them, "
                     "and watch the answer change. ([PoLar](https://arxiv.org/abs/2606.06574))", elem_id="title")
         model, status = _model_row()
@@ -654,8 +808,8 @@ def build_demo() -> gr.Blocks:
                 answers = _answers()
                 preset, n, a, b, r, apply, text, download, upload, grid, note, roll = _editor()
                 charts, plots, csv, data, details = _analysis_tabs()
-            s_method, s_budget, s_go, s_message, s_table = _search_tab()
-            e_family, e_items, e_drop, e_go, e_table, e_report, e_plot, e_notes = _evaluate_tab()
+            s_method, s_budget, s_go, s_stop, s_message, s_table = _search_tab()
+            e_family, e_items, e_drop, e_go, e_stop, e_table, e_report, e_plot, e_notes = _evaluate_tab()
             learn_buttons = _learn_tab()
         # Not shown: the API's twins of page events (see api_twin), and the row a click picked.
         api_buttons = [gr.Button(visible=False) for _ in range(3)]
@@ -702,14 +856,18 @@ def build_demo() -> gr.Blocks:
                           show_progress_on=text))
         then_run(predict.click(on_predict, [prompt, model], [table, message, *editor], api_name="predict",
                                show_progress_on=[table, text]))
-        s_go.click(on_search, [prompt, expected, s_method, s_budget, model, exact], [s_table, s_message],
-                   api_name="search")
+        # Searches and evaluations run minutes: one at a time, beside the runs' own slots.
+        jobs = dict(concurrency_id="job", concurrency_limit=1)
+        searching = s_go.click(on_search, [prompt, expected, s_method, s_budget, model, exact], [s_table, s_message],
+                               api_name="search", **jobs)
+        s_stop.click(None, None, None, cancels=[searching], api_visibility="private")
         then_run(s_table.select(clicked_row, None, search_row, api_visibility="private")
                  .success(on_pick_row, [s_table, search_row, model], editor, api_name="pick_search_result",
                           show_progress_on=text)
                  .success(lambda: gr.Tabs(selected="explore"), None, tabs, api_visibility="private"))
-        e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot, e_notes],
-                   api_name="evaluate")
+        evaluating = e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot, e_notes],
+                                api_name="evaluate", **jobs)
+        e_stop.click(None, None, None, cancels=[evaluating], api_visibility="private")
         for lesson_model, i, key, button in learn_buttons:
             loaded = button.click(functools.partial(on_learn, lesson_model, i), None,
                                   [model, status, prompt, expected, *editor, lesson, tabs],

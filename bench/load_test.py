@@ -1,22 +1,30 @@
-"""Load test: concurrent gradio_client users against the running app, on loopback only.
+"""Load test: concurrent gradio_client users, and hostile clients, against the running app, on loopback only.
 
-    .venv/bin/python bench/load_test.py                   # 8 users, 2 minutes
-    .venv/bin/python bench/load_test.py --users 8 --seconds 120 --out bench/results/load_test.md
+    .venv/bin/python bench/load_test.py                   # 8 users (+ 2 hostile), 2 minutes per condition
+    .venv/bin/python bench/load_test.py --users 8 --hostile 2 --seconds 120 --out bench/results/load_test.md
 
-Starts `app.py` in a subprocess on 127.0.0.1 (a free port), so its resident
-memory can be read from /proc/<pid>/status. Then:
+Starts `app.py` in a subprocess on 127.0.0.1 (a free port), with its own
+TMPDIR (so its download folder and Gradio's cache can be counted), and reads
+its resident memory from /proc/<pid>/status. Then:
 
 1. serial: each of the CASES (a prompt and a program, all different) once, one
    after another, through the `/run` API: the expected result of each;
 2. warm-up: the users run concurrently for --warmup-seconds; then the server's
    RSS is sampled (the baseline: allocator arenas and caches have grown by then);
-3. load: --users concurrent clients, each in its own thread and session, each
-   starting at a different case and rotating through all of them, for
-   --seconds. Every response must equal the serial result of its case: the
-   executor is deterministic, so any difference is cross-talk between users.
+3. load, two conditions side by side: windows of --seconds / --windows
+   seconds alternate between "quiet" (the --users well-behaved clients only)
+   and "hostile" (the same users plus --hostile clients sending oversized,
+   malformed and HTML input, max-budget searches and max-step programs on a
+   long prompt). Each user, in its own thread and session, starts at a
+   different case and rotates through all of them. Every response must equal
+   the serial result of its case: the executor is deterministic, so any
+   difference is cross-talk between users.
 
-Exits non-zero when a request failed, a response differed from the serial
-result, or the server's RSS grew by 10% or more after warm-up.
+Exits non-zero when a well-behaved request failed or differed from its serial
+result, a hostile request got anything but a refusal or a bounded answer, the
+server's RSS grew by 10% or more after warm-up, or its temporary files grew
+without bound. The p95 latency ratio (hostile / quiet, target <= 1.5) is
+reported, not enforced: on a shared 2-core machine it is noisy.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 HOST = "127.0.0.1"  # loopback only: the load never leaves this machine
 MAX_RSS_GROWTH = 0.10
+MAX_P95_RATIO = 1.5  # the target for well-behaved p95 latency with hostile clients vs without
+TEMP_GROWTH = 1.25  # temporary files level off: the last sample at most this times the count at half time
 MODEL = "smollm2-135m-instruct"
 
 
@@ -95,13 +106,25 @@ class UserLog:
     mismatches: list[str] = field(default_factory=list)
 
 
-def _user(url: str, index: int, expected: dict[Case, dict], deadline: float, log: UserLog) -> None:
-    """Send requests until the deadline, starting at case `index` and rotating."""
+_CLIENTS: dict[tuple[str, str], object] = {}  # (url, who) -> its gradio_client, kept across windows
+_STEPS: dict[tuple[str, str], int] = {}  # (url, who) -> requests sent so far (the rotation goes on)
+
+
+def _client(url: str, who: str):
+    """The client of user or hostile client `who`: made once, so it keeps its session across windows
+    (as a person keeps their page open)."""
     from gradio_client import Client
 
+    if (url, who) not in _CLIENTS:
+        _CLIENTS[url, who] = Client(url, verbose=False)
+    return _CLIENTS[url, who]
+
+
+def _user(url: str, index: int, expected: dict[Case, dict], deadline: float, log: UserLog) -> None:
+    """Send requests until the deadline, starting at case `index` and rotating."""
     cases = list(expected)
     try:
-        client = Client(url, verbose=False)  # its own session, as a separate browser would have
+        client = _client(url, f"user {index}")  # its own session, as a separate browser would have
     except Exception as exc:  # a user that cannot connect is an error, not a crash of the test
         log.errors.append(f"user {index}: connect: {exc!r}"[:300])
         return
@@ -120,32 +143,127 @@ def _user(url: str, index: int, expected: dict[Case, dict], deadline: float, log
             log.mismatches.append(f"user {index}: {case.program}: got {got!r:.200}, expected {expected[case]!r:.200}")
 
 
+# ------------------------------------------------------------------ hostile
+TRACKER = '<a href="http://tracker.invalid/login">Session expired</a><img src="http://tracker.invalid/t.png">'
+LONG_PROMPT = "Q: " + "Tell me about the layers of a language model, one by one, in detail. " * 28 + "\nA:"
+
+
+def _upload(client, data: bytes):
+    from gradio_client import handle_file
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        f.write(data)
+    try:
+        return client.predict(handle_file(f.name), MODEL, api_name="/upload_program")
+    finally:
+        os.unlink(f.name)
+
+
+def _raw_call(client, api: str, data: list):
+    """Call an endpoint over plain HTTP with JSON that escapes everything (gradio_client
+    cannot send a lone surrogate: it fails to encode it before sending)."""
+    import json
+    import urllib.request
+
+    base = client.src.rstrip("/") + "/gradio_api/call/" + api
+    body = json.dumps({"data": data}, ensure_ascii=True).encode()
+    request = urllib.request.Request(base, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        event = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{base}/{event}", timeout=120) as response:
+        stream = response.read().decode("utf-8", "replace")
+    if "event: error" in stream:
+        raise RuntimeError(stream.split("event: error", 1)[1].strip()[:300])
+    return stream
+
+
+# What a hostile client sends, in turn: (kind, request). Each must be refused
+# with a message or answered within the operator's limits; none may hurt the
+# well-behaved users beyond its share of the machine.
+HOSTILE_REQUESTS = (
+    ("oversized upload", lambda c: _upload(c, b'{"path": [' + b"0, " * 100_000 + b'0], "num_layers": 30}')),
+    ("deep JSON upload", lambda c: _upload(c, b'{"path": ' + b"[" * 30_000 + b"]" * 30_000 + b"}")),
+    ("malformed program", lambda c: c.predict("0-29x99999999999, <b>", MODEL, api_name="/set_program_text")),
+    ("model as a list", lambda c: c.predict("Hi", "full", "", ["x", "y"], False, api_name="/run")),
+    ("HTML model", lambda c: c.predict(TRACKER, api_name="/model_status")),
+    ("HTML prompt", lambda c: c.predict(TRACKER + " What is 2+2?", "full", TRACKER, MODEL, False, api_name="/run")),
+    ("lone surrogate", lambda c: _raw_call(c, "run", ["\ud800 What is 2+2?", "full", "", MODEL, False, None])),
+    ("max-budget search", lambda c: c.predict("Which planet is the largest in our solar system? Answer in one word.",
+                                              "Jupiter", "greedy", 400, MODEL, False, api_name="/search")),
+    ("max-step program", lambda c: c.predict(LONG_PROMPT, "0-29x4", "", MODEL, False, api_name="/run")),
+)
+
+
+@dataclass
+class HostileLog:
+    """Per kind of hostile request: (seconds, outcome) with outcome "answered" or "refused: <message>"."""
+
+    outcomes: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # a client that could not connect
+
+
+def _hostile(url: str, index: int, deadline: float, log: HostileLog) -> None:
+    who = f"hostile {index}"
+    try:
+        client = _client(url, who)
+    except Exception as exc:
+        log.errors.append(f"{who}: connect: {exc!r}"[:300])
+        return
+    _STEPS.setdefault((url, who), index * len(HOSTILE_REQUESTS) // 2)  # the two clients start apart
+    while time.monotonic() < deadline:
+        kind, send = HOSTILE_REQUESTS[_STEPS[url, who] % len(HOSTILE_REQUESTS)]
+        _STEPS[url, who] += 1
+        started = time.perf_counter()
+        try:
+            send(client)
+            outcome = "answered"
+        except Exception as exc:  # a refusal reaches gradio_client as an exception carrying the message
+            outcome = f"refused: {exc}"[:200]
+        log.outcomes.setdefault(kind, []).append((time.perf_counter() - started, outcome))
+
+
 @dataclass
 class Phase:
-    """Merged logs of all users over one phase."""
+    """Merged logs of all users over one phase (one condition, all its windows)."""
 
     seconds: float
     latencies: list[float]
     errors: list[str]
     mismatches: list[str]
+    hostile: HostileLog = field(default_factory=HostileLog)
 
     @property
     def requests(self) -> int:
         return len(self.latencies) + len(self.errors)
 
+    def add(self, other: Phase) -> None:
+        self.seconds += other.seconds
+        self.latencies += other.latencies
+        self.errors += other.errors
+        self.mismatches += other.mismatches
+        for kind, items in other.hostile.outcomes.items():
+            self.hostile.outcomes.setdefault(kind, []).extend(items)
+        self.hostile.errors += other.hostile.errors
 
-def run_users(url: str, expected: dict[Case, dict], users: int, seconds: float) -> Phase:
-    """`users` concurrent clients for `seconds`; requests running at the deadline finish and count."""
+
+def run_users(url: str, expected: dict[Case, dict], users: int, seconds: float, hostile: int = 0) -> Phase:
+    """`users` concurrent clients (and `hostile` hostile ones) for `seconds`;
+    requests running at the deadline finish and count."""
     logs = [UserLog() for _ in range(users)]
+    bad = HostileLog()
     deadline = time.monotonic() + seconds
     started = time.perf_counter()
     threads = [threading.Thread(target=_user, args=(url, i, expected, deadline, logs[i]), daemon=True)
                for i in range(users)]
+    threads += [threading.Thread(target=_hostile, args=(url, i, deadline, bad), daemon=True) for i in range(hostile)]
     for t in threads:
         t.start()
-    for t in threads:
+    for t in threads[:users]:
         t.join()
-    merged = Phase(time.perf_counter() - started, [], [], [])
+    seconds_taken = time.perf_counter() - started  # the well-behaved users' window
+    for t in threads[users:]:
+        t.join()
+    merged = Phase(seconds_taken, [], [], [], bad)
     for log in logs:
         merged.latencies += log.latencies
         merged.errors += log.errors
@@ -189,20 +307,29 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float
     raise RuntimeError(f"app.py did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def count_files(folder: Path) -> int:
+    """Files under a folder, recursively (the server's temporary files)."""
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
 @contextlib.contextmanager
-def app_server(timeout_s: float = 300):
-    """`app.py` in a subprocess on a free loopback port; yields (url, pid); stopped on exit."""
+def app_server(timeout_s: float = 300, env_extra: dict | None = None):
+    """`app.py` in a subprocess on a free loopback port, its TMPDIR a fresh folder;
+    yields (url, pid, that folder); stopped on exit."""
     port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME=HOST, GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with tempfile.TemporaryDirectory(prefix="polar-load-") as tmp:
+        temp = Path(tmp) / "tmp"
+        temp.mkdir()
+        env = dict(os.environ, GRADIO_SERVER_NAME=HOST, GRADIO_SERVER_PORT=str(port), TMPDIR=str(temp),
+                   GRADIO_TEMP_DIR=str(temp / "gradio"), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", **(env_extra or {}))
         log = Path(tmp) / "server.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://{HOST}:{port}/"
         try:
             _wait_until_up(url, proc, log, timeout_s)
-            yield url, proc.pid
+            yield url, proc.pid, temp
         finally:
             proc.terminate()
             try:
@@ -213,11 +340,12 @@ def app_server(timeout_s: float = 300):
 
 
 class RssSampler:
-    """Samples a process's RSS every `every` seconds in a background thread."""
+    """Samples a process's RSS (and the files under its TMPDIR) every `every` seconds in a background thread."""
 
-    def __init__(self, pid: int, every: float = 10.0):
-        self.pid, self.every = pid, every
+    def __init__(self, pid: int, every: float = 10.0, temp: Path | None = None):
+        self.pid, self.every, self.temp = pid, every, temp
         self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
+        self.files: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._start = time.monotonic()
@@ -225,6 +353,8 @@ class RssSampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             self.samples.append((time.monotonic() - self._start, rss_mib(self.pid)))
+            if self.temp is not None:
+                self.files.append(count_files(self.temp))
 
     def __enter__(self):
         self._thread.start()
@@ -245,46 +375,129 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores visible, CPU only (no GPU), {platform.system()} {platform.release()}"
 
 
-def report(args, serial_s: float, warm: Phase, load: Phase, rss_warm: float, rss_end: float,
-           samples: list[tuple[float, float]], load_avg: tuple[float, float, float]) -> str:
+def _latency_row(name: str, users: str, phase: Phase) -> str:
+    lat = phase.latencies
+    return (f"| {name} | {users} | {phase.seconds:.0f} | {phase.requests} | {phase.requests / phase.seconds:.2f} | "
+            f"{len(phase.errors)} | {len(phase.mismatches)} | {percentile(lat, 50):.2f} | {percentile(lat, 95):.2f} | "
+            f"{percentile(lat, 100):.2f} |")
+
+
+def _hostile_rows(log: HostileLog) -> list[str]:
+    rows = ["| hostile request | sent | refused | answered | median (s) | max (s) | first refusal |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    for kind, _ in HOSTILE_REQUESTS:
+        items = log.outcomes.get(kind, [])
+        refused = [o for _, o in items if o.startswith("refused")]
+        first = refused[0][len("refused: "):].replace("|", "/").replace("\n", " ")[:90] if refused else ""
+        rows.append(f"| {kind} | {len(items)} | {len(refused)} | {len(items) - len(refused)} | "
+                    f"{percentile([t for t, _ in items], 50):.2f} | {percentile([t for t, _ in items], 100):.2f} | "
+                    f"{first} |")
+    return rows
+
+
+# Kinds that must be refused with a message; the others may also be answered (within the limits).
+MUST_REFUSE = {"oversized upload", "deep JSON upload", "malformed program", "model as a list", "HTML model",
+               "lone surrogate"}
+CRASH = "has not enabled verbose error reporting"  # gradio_client's words for an exception we did not turn into a message
+
+
+def hostile_failures(log: HostileLog) -> list[str]:
+    """Hostile requests that got what they must not: an answer where a refusal is due, or a crash."""
+    bad = []
+    for kind, items in log.outcomes.items():
+        for _, outcome in items:
+            if (kind in MUST_REFUSE and outcome == "answered") or CRASH in outcome:
+                bad.append(f"{kind}: {outcome}")
+    return bad
+
+
+def rss_trend(samples: list[tuple[float, float]]) -> float:
+    """RSS growth over the load: median of the last quarter of samples / median of the first quarter - 1."""
+    values = [mib for _, mib in samples]
+    if len(values) < 4:
+        return values[-1] / values[0] - 1 if values else 0.0
+    quarter = len(values) // 4
+    return statistics.median(values[-quarter:]) / statistics.median(values[:quarter]) - 1
+
+
+def files_level_off(samples: list[int]) -> bool:
+    """Whether the temporary files stopped growing: the last sample is at most
+    TEMP_GROWTH times the one at half time (old files are deleted as new ones come)."""
+    return len(samples) < 2 or samples[-1] <= TEMP_GROWTH * samples[len(samples) // 2]
+
+
+def verdict(quiet: Phase, hostile: Phase, warm: Phase, growth: float, files: list[int]) -> tuple[bool, str]:
+    errors = (len(warm.errors) + len(quiet.errors) + len(hostile.errors) + len(hostile.hostile.errors)
+              + len(hostile_failures(hostile.hostile)))
+    mismatches = len(warm.mismatches) + len(quiet.mismatches) + len(hostile.mismatches)
+    ratio = percentile(hostile.latencies, 95) / percentile(quiet.latencies, 95)
+    level = files_level_off(files)
+    ok = errors == 0 and mismatches == 0 and growth < MAX_RSS_GROWTH and level
+    return ok, (f"{'PASS' if ok else 'FAIL'} (errors {errors}, mismatches {mismatches}, RSS growth {growth:+.1%}, "
+                f"temporary files {'level off' if level else 'keep growing'}: at most {max(files, default=0)}); "
+                f"p95 ratio hostile / quiet {ratio:.2f} "
+                f"({'within' if ratio <= MAX_P95_RATIO else 'over'} the {MAX_P95_RATIO}x target)")
+
+
+def report(args, serial_s: float, warm: Phase, quiet: Phase, hostile: Phase, rss_warm: float, rss_end: float,
+           sampler: RssSampler, files: tuple[int, int], load_avg: tuple[float, float, float], env: dict) -> str:
     from app.ui import CONCURRENCY
 
-    growth = rss_end / rss_warm - 1
-    half = [mib for t, mib in samples if t >= load.seconds / 2] or [rss_end]
-    errors, mismatches = len(warm.errors) + len(load.errors), len(warm.mismatches) + len(load.mismatches)
+    growth = rss_trend(sampler.samples)
+    samples = sampler.samples
+    max_files = max([files[1], *sampler.files])
+    _, text = verdict(quiet, hostile, warm, growth, sampler.files)
+    window = args.seconds / args.windows
     lines = [
-        "# Load test: concurrent users against the running app (loopback)",
+        "# Load test: well-behaved and hostile clients against the running app (loopback)",
         "",
         f"Command: `{args.command}`",
         "",
         f"- machine: {_machine()}",
-        f"- load average at the start (1/5/15 min): {load_avg[0]:.2f} / {load_avg[1]:.2f} / {load_avg[2]:.2f}",
-        f"- server: `app.py` in a subprocess on {HOST} (model {MODEL}, float32, {CONCURRENCY} model calls at once: "
-        "`CONCURRENCY` in app/ui.py); clients: gradio_client, one thread and one session per user",
-        f"- {len(CASES)} cases, each a different short prompt and a different program; every request is `/run` "
-        "(edited program + full program + analysis + 5 figures); user i starts at case i and rotates",
+        f"- load average at the start (1/5/15 min): {load_avg[0]:.2f} / {load_avg[1]:.2f} / {load_avg[2]:.2f}; "
+        f"at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine is shared: other jobs ran too)",
+        f"- server: `app.py` in a subprocess on {HOST} (model {MODEL}, float32, {CONCURRENCY} runs at once: "
+        "`CONCURRENCY` in app/ui.py; searches and evaluations one at a time, beside them); operator limits "
+        + ", ".join(f"`{k}={v}`" for k, v in env.items()) + "; clients: gradio_client, one thread and one "
+        "session per client",
+        f"- {len(CASES)} cases, each a different short prompt and a different program; every well-behaved request "
+        "is `/run` (edited program + full program + analysis + 5 figures); user i starts at case i and rotates",
         f"- serial pass (expected results): {len(CASES)} requests in {serial_s:.1f} s",
-        f"- warm-up: {args.users} users for {warm.seconds:.0f} s, {warm.requests} requests, "
-        f"{len(warm.errors)} errors, {len(warm.mismatches)} mismatches",
+        f"- warm-up: {args.users} users and {args.hostile} hostile clients for {warm.seconds:.0f} s, "
+        f"{warm.requests} well-behaved requests, {len(warm.errors)} errors, {len(warm.mismatches)} mismatches",
+        f"- the two conditions side by side: {2 * args.windows} windows of {window:.0f} s, alternating quiet / "
+        f"hostile, so both see the same machine load; {args.hostile} hostile clients in the hostile windows, "
+        "each sending the requests below in turn, without pause",
         "",
-        "| users | seconds | requests | req/s | errors | mismatches | p50 latency (s) | p95 latency (s) | max (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {args.users} | {load.seconds:.0f} | {load.requests} | {load.requests / load.seconds:.2f} | "
-        f"{len(load.errors)} | {len(load.mismatches)} | {percentile(load.latencies, 50):.2f} | "
-        f"{percentile(load.latencies, 95):.2f} | {percentile(load.latencies, 100):.2f} |",
+        "Well-behaved users (latency: the client's wall time per request, queueing included):",
         "",
-        f"Server RSS: {rss_warm:.0f} MiB after warm-up, {rss_end:.0f} MiB at the end: growth {growth:+.1%} "
-        f"(limit < {MAX_RSS_GROWTH:.0%}); over the second half of the run {half[0]:.0f} -> {rss_end:.0f} MiB "
-        f"({rss_end / half[0] - 1:+.1%}). Samples every 10 s (MiB): "
-        + ", ".join(f"{mib:.0f}" for _, mib in samples) + ".",
+        "| condition | clients | seconds | requests | req/s | errors | mismatches | p50 (s) | p95 (s) | max (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        _latency_row("quiet", str(args.users), quiet),
+        _latency_row("hostile", f"{args.users} + {args.hostile}", hostile),
         "",
-        f"Latency is the client's wall time per request, queueing included: {args.users} users share "
-        f"{CONCURRENCY} model slots, so much of it is waiting in the queue.",
+        f"p95 latency with hostile clients / without: **{percentile(hostile.latencies, 95) / percentile(quiet.latencies, 95):.2f}x** "
+        f"(target <= {MAX_P95_RATIO}x); p50 {percentile(hostile.latencies, 50) / percentile(quiet.latencies, 50):.2f}x.",
         "",
-        f"Verdict: {'PASS' if errors == 0 and mismatches == 0 and growth < MAX_RSS_GROWTH else 'FAIL'} "
-        f"(errors {errors}, mismatches {mismatches}, RSS growth {growth:+.1%}).",
+        "Hostile requests (a refusal is the message the client got):",
+        "",
+        *_hostile_rows(hostile.hostile),
+        "",
+        f"Server RSS: {rss_warm:.0f} MiB after warm-up, {rss_end:.0f} MiB at the end; growth {growth:+.1%} "
+        f"(limit < {MAX_RSS_GROWTH:.0%}), measured as the median of the last quarter of the samples over the "
+        "median of the first quarter (one sample swings by +-10% with what is running at that moment). "
+        "Samples every 10 s (MiB): " + ", ".join(f"{mib:.0f}" for _, mib in samples) + ".",
+        "",
+        f"Temporary files under the server's TMPDIR (its download folder and Gradio's cache): {files[0]} after "
+        f"warm-up, {files[1]} at the end, at most {max_files}; they must level off (the last sample at most "
+        f"{TEMP_GROWTH}x the one at half time: files older than POLAR_FILE_SECONDS are deleted). Samples every "
+        "10 s: " + ", ".join(map(str, sampler.files)) + ".",
+        "",
+        f"Verdict: {text}.",
     ]
-    for what, items in (("errors", warm.errors + load.errors), ("mismatches", warm.mismatches + load.mismatches)):
+    for what, items in (("errors", warm.errors + quiet.errors + hostile.errors + hostile.hostile.errors
+                         + hostile_failures(hostile.hostile)),
+                        ("mismatches", warm.mismatches + quiet.mismatches + hostile.mismatches)):
         if items:
             lines += ["", f"First {what}:", *[f"- `{x}`" for x in items[:5]]]
     return "\n".join(lines) + "\n"
@@ -293,32 +506,53 @@ def report(args, serial_s: float, warm: Phase, load: Phase, rss_warm: float, rss
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--hostile", type=int, default=2, help="hostile clients in the hostile windows")
+    parser.add_argument("--seconds", type=float, default=120, help="per condition (quiet, hostile)")
+    parser.add_argument("--windows", type=int, default=4, help="windows per condition, alternating")
     parser.add_argument("--warmup-seconds", type=float, default=30)
+    parser.add_argument("--request-seconds", type=float, default=10, help="the server's POLAR_REQUEST_SECONDS")
+    parser.add_argument("--job-seconds", type=float, default=20, help="the server's POLAR_JOB_SECONDS")
+    parser.add_argument("--file-seconds", type=float, default=60, help="the server's POLAR_FILE_SECONDS")
+    parser.add_argument("--malloc-arena-max", type=int, default=2,
+                        help="the server's MALLOC_ARENA_MAX (glibc): fewer allocator arenas, less RSS creep from "
+                             "freed tensors of many threads; 0 leaves glibc's default")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args(argv)
     args.command = ".venv/bin/python bench/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    env = {"POLAR_REQUEST_SECONDS": f"{args.request_seconds:g}", "POLAR_JOB_SECONDS": f"{args.job_seconds:g}",
+           "POLAR_FILE_SECONDS": f"{args.file_seconds:g}"}
+    if args.malloc_arena_max:
+        env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
 
     load_avg = os.getloadavg()
-    with app_server() as (url, pid):
+    with app_server(env_extra=env) as (url, pid, temp):
         print(f"app on {url} (pid {pid}); serial pass over {len(CASES)} cases", flush=True)
         started = time.perf_counter()
         expected = serial_results(url)
         serial_s = time.perf_counter() - started
-        print(f"warm-up: {args.users} users for {args.warmup_seconds:.0f} s", flush=True)
-        warm = run_users(url, expected, args.users, args.warmup_seconds)
-        rss_warm = rss_mib(pid)
-        print(f"load: {args.users} users for {args.seconds:.0f} s (RSS after warm-up {rss_warm:.0f} MiB)", flush=True)
-        with RssSampler(pid) as sampler:
-            load = run_users(url, expected, args.users, args.seconds)
-        rss_end = rss_mib(pid)
-    text = report(args, serial_s, warm, load, rss_warm, rss_end, sampler.samples, load_avg)
+        # Hostile clients in the warm-up too: the RSS baseline then includes the
+        # allocator's one-time growth for their largest requests; growth after it is a leak.
+        print(f"warm-up: {args.users} users + {args.hostile} hostile for {args.warmup_seconds:.0f} s", flush=True)
+        warm = run_users(url, expected, args.users, args.warmup_seconds, hostile=args.hostile)
+        rss_warm, files_warm = rss_mib(pid), count_files(temp)
+        quiet, hostile = Phase(0, [], [], []), Phase(0, [], [], [])
+        with RssSampler(pid, temp=temp) as sampler:
+            for w in range(2 * args.windows):
+                noisy = w % 2 == 1
+                print(f"window {w + 1}/{2 * args.windows}: {'hostile' if noisy else 'quiet'} "
+                      f"(RSS {rss_mib(pid):.0f} MiB, {count_files(temp)} temporary files)", flush=True)
+                phase = run_users(url, expected, args.users, args.seconds / args.windows,
+                                  hostile=args.hostile if noisy else 0)
+                (hostile if noisy else quiet).add(phase)
+        rss_end, files_end = rss_mib(pid), count_files(temp)
+    text = report(args, serial_s, warm, quiet, hostile, rss_warm, rss_end, sampler, (files_warm, files_end), load_avg,
+                  env)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")
-    failed = warm.errors + load.errors + warm.mismatches + load.mismatches
-    return 1 if failed or rss_end / rss_warm - 1 >= MAX_RSS_GROWTH else 0
+    ok, _ = verdict(quiet, hostile, warm, rss_trend(sampler.samples), sampler.files)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

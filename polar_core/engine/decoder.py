@@ -21,9 +21,14 @@ class Stopping:
         strings: a row stops once its text contains one of these; the text is
             cut before it.
         at_eos: stop at the model's end-of-sequence tokens.
-        time_limit_s: stop decoding after this much wall time (finish_reason "time").
-        should_stop: polled between tokens; True ends decoding early
-            (finish_reason "cancelled"), e.g. when a web request is cancelled.
+        time_limit_s: the wall time of the whole generation, prompt pass
+            included: decoding stops at it (finish_reason "time"); a prompt
+            pass still running at it stops between two program steps and
+            raises `polar_core.engine.generate.PromptPassStopped`.
+        should_stop: polled between tokens and between the prompt pass's
+            steps; True ends decoding early (finish_reason "cancelled"), or
+            the prompt pass with PromptPassStopped, e.g. when a web request
+            is cancelled.
     """
 
     strings: tuple[str, ...] = ()

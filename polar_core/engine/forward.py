@@ -8,7 +8,7 @@ step, the rows that run the same layer are one call (`schedule`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,12 +55,19 @@ def run_steps(
     pos: Positions,
     cache: StepCache | None,
     capture: str | None,
+    check: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Apply every scheduled step to hidden (B, t, d). Returns the final hidden
-    states and, if asked, the hidden state after each step (last token or all)."""
+    states and, if asked, the hidden state after each step (last token or all).
+
+    `check` is called between steps; it raises to stop the pass (a deadline,
+    a cancel). It changes no number the steps compute.
+    """
     batch = hidden.shape[0]
     snapshots = []
     for k, groups in enumerate(steps):
+        if check is not None and k:
+            check()
         if len(groups) == 1 and groups[0][1] is None:
             layer, _ = groups[0]
             view = cache.view(k, None, batch) if cache is not None else None
@@ -98,9 +105,12 @@ def prefill(
     *,
     capture: str | None = None,
     cache_capacity: int | None = None,
+    check: Callable[[], None] | None = None,
 ) -> PrefillResult:
     """Run each row's program over its prompt. With `cache_capacity` (total
-    tokens incl. those to be generated) a step cache is filled for decoding."""
+    tokens incl. those to be generated) a step cache is filled for decoding.
+    `check` is called between program steps and may raise to stop the pass
+    (a long prompt under a looped program takes seconds)."""
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
     adapter = lm.adapter
@@ -109,7 +119,7 @@ def prefill(
     pos = adapter.positions(hidden, batch.attention_mask, 0)
     cache = StepCache(cache_capacity) if cache_capacity else None
     first = hidden[:, -1].clone() if capture == "last" else hidden.clone()
-    hidden, snapshots = run_steps(adapter, schedule(paths, hidden.device), hidden, pos, cache, capture)
+    hidden, snapshots = run_steps(adapter, schedule(paths, hidden.device), hidden, pos, cache, capture, check)
     logits = adapter.logits(hidden[:, -1]).float()
     step_hidden = None
     if capture:

@@ -24,6 +24,15 @@ from polar_core.program import Program
 FINISH_REASONS = ("eos", "stop", "length", "time", "cancelled")
 
 
+class PromptPassStopped(RuntimeError):
+    """The prompt pass ended between two program steps, before any token:
+    the time limit passed ("time") or `should_stop` turned true ("cancelled")."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass
 class Trace:
     """What running one program on one prompt produced."""
@@ -140,13 +149,14 @@ def generate(
     if drafts and (len(programs) != 1 or sampling.temperature > 0 or not use_cache):
         raise ValueError("drafts need one prompt, greedy decoding and use_cache=True")
 
-    started = time.perf_counter()
+    started = time.perf_counter()  # the time limit counts from here: the prompt pass is part of it
     # Draft checks fit too: a proposal never runs past max_new_tokens (see decode_with_drafts).
     capacity = batch.input_ids.shape[1] + max_new_tokens if use_cache else None
-    pre = prefill(lm, batch, programs, capture=capture, cache_capacity=capacity)
+    pre = prefill(lm, batch, programs, capture=capture, cache_capacity=capacity,
+                  check=_prompt_pass_check(stopping, started, batch, programs))
     prefill_seconds = time.perf_counter() - started
 
-    started = time.perf_counter()
+    decode_started = time.perf_counter()
     decoder = Decoder(lm, batch, programs, pre, stopping, capture_answer=capture is not None)
     interrupted = _interruption(decoder, stopping, started)
     stats = None
@@ -154,7 +164,7 @@ def generate(
         stats = decode_with_drafts(decoder, pre.logits, drafts, max_new_tokens, interrupted, on_tokens)
     else:
         _decode(decoder, pre.logits, max_new_tokens, sampling, interrupted, on_tokens)
-    decode_seconds = time.perf_counter() - started
+    decode_seconds = time.perf_counter() - decode_started
 
     traces = []
     for row, program in enumerate(programs):
@@ -166,6 +176,22 @@ def generate(
             step_hidden=pre.step_hidden[row] if pre.step_hidden else None, answer_step_hidden=answer_states,
             prefill_seconds=prefill_seconds, decode_seconds=decode_seconds, drafts=stats))
     return traces
+
+
+def _prompt_pass_check(stopping: Stopping, started: float, batch: EncodedBatch, programs) -> Callable[[], None] | None:
+    """A check, made between the prompt pass's program steps, that raises PromptPassStopped."""
+    if stopping.time_limit_s is None and stopping.should_stop is None:
+        return None
+
+    def check() -> None:
+        if stopping.time_limit_s is not None and time.perf_counter() - started > stopping.time_limit_s:
+            tokens, steps = batch.input_ids.shape[1], max(p.layer_calls for p in programs)
+            raise PromptPassStopped("time", f"the prompt pass ({tokens} tokens x {steps} layer calls) did not "
+                                            f"finish within the time limit of {stopping.time_limit_s:g} s")
+        if stopping.should_stop is not None and stopping.should_stop():
+            raise PromptPassStopped("cancelled", "the prompt pass was cancelled")
+
+    return check
 
 
 def _interruption(decoder: Decoder, stopping: Stopping, started: float) -> Callable[[], bool]:

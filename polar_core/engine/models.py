@@ -11,21 +11,25 @@ A spec is one of:
 
 GGUF weights are dequantized by transformers on the first load, so the float
 weights are cached as safetensors; later starts read the cache (and an
-assembled GGUF is deleted once the cache is written). The GGUF file is parsed
+assembled GGUF is deleted once the cache is written). A cache that fails to
+load (a truncated file) is removed and rebuilt from the GGUF, once, with a
+warning in the log. The GGUF file is parsed
 once per first load (`_gguf_parsed_once`). `trust_remote_code` is never used.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +45,8 @@ from polar_core.engine.cpu.lean import LeanDecoding, lean_decoding
 from polar_core.engine.cpu.packed import PackingReport, pack_linears
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -214,18 +220,32 @@ def _save_atomically(model, tokenizer, target: Path) -> None:
 def _load_embedded(name: str, entry: EmbeddedModel, dtype: torch.dtype):
     cached = cache_root() / "models" / name
     if (cached / "config.json").is_file():
-        return _from_pretrained(cached, dtype)
+        try:
+            return _from_pretrained(cached, dtype)
+        except Exception as exc:  # a truncated or garbled file: transformers and safetensors raise many types
+            if embedded_gguf_path(entry) is None:
+                raise
+            # The GGUF is the source of truth: remove the damaged cache and
+            # rebuild it once, below (a second failure is raised, not retried).
+            log.warning("the cached weights of %s in %s are damaged (%s): removed, rebuilding them from the GGUF",
+                        name, cached, str(exc)[:200])
+            shutil.rmtree(cached, ignore_errors=True)
     gguf_path = embedded_gguf_path(entry)
     if gguf_path is None:
         # No embedded copy: a machine with network (a Space) uses the hub.
         return _from_pretrained(entry.hub_id, dtype)
     # Dequantize once in float32, cache, then cast: the cache is dtype-neutral.
-    with _gguf_parsed_once(gguf_path):
-        model, tokenizer = _from_pretrained(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
+    model, tokenizer = _dequantize(gguf_path)
     _save_atomically(model, tokenizer, cached)
     if entry.assembled:
         gguf_path.unlink(missing_ok=True)  # the cache holds it all now; the chunks stay installed
     return model.to(dtype), tokenizer
+
+
+def _dequantize(gguf_path: Path):
+    """The float32 model and tokenizer of a GGUF file (transformers dequantizes on load)."""
+    with _gguf_parsed_once(gguf_path):
+        return _from_pretrained(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
 
 
 @contextlib.contextmanager
@@ -269,11 +289,64 @@ def _load(spec: str, dtype: torch.dtype):
     raise ModelLoadError(f"unknown model {spec!r}: not a known name ({known}), a local directory, or a hub id")
 
 
-_load_lock = threading.Lock()
+FAILED_LOAD_SECONDS = 30.0  # a failed load is answered from memory this long: repeated bad requests cost nothing
+MAX_LOADED = 4  # models kept in memory; the first loaded goes first
+MAX_FAILED = 256  # failures remembered (distinct bad specs from a hostile client stay bounded)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(spec: str, device: str, dtype: str) -> LoadedModel:
+class _Registry:
+    """Loaded models, loads in progress and recent failures, per (spec, device, dtype).
+
+    A loaded model is returned without taking any lock (a dict read), so a
+    slow load never delays requests for other models; two first requests of
+    one model wait on that model's lock only, so it is dequantized once.
+    """
+
+    def __init__(self):
+        self.loaded: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self.failed: OrderedDict[tuple, tuple[float, ModelLoadError]] = OrderedDict()
+        self.locks: dict[tuple, threading.Lock] = {}
+        self.lock = threading.Lock()  # guards the three dicts' structure, held for microseconds
+
+    def get(self, key: tuple) -> LoadedModel:
+        lm = self.loaded.get(key)
+        if lm is not None:
+            return lm
+        with self.lock:
+            key_lock = self.locks.setdefault(key, threading.Lock())
+        with key_lock:
+            lm = self.loaded.get(key)  # loaded while we waited
+            if lm is not None:
+                return lm
+            when, error = self.failed.get(key, (None, None))
+            if error is not None and time.monotonic() - when < FAILED_LOAD_SECONDS:
+                raise ModelLoadError(f"{error} (failed {time.monotonic() - when:.0f} s ago; not retried for "
+                                     f"{FAILED_LOAD_SECONDS:.0f} s)")
+            try:
+                lm = _build(*key)
+            except ModelLoadError as exc:
+                with self.lock:
+                    self.failed[key] = (time.monotonic(), exc)
+                    while len(self.failed) > MAX_FAILED:
+                        self.locks.pop(self.failed.popitem(last=False)[0], None)
+                raise
+            with self.lock:
+                self.failed.pop(key, None)
+                self.loaded[key] = lm
+                while len(self.loaded) > MAX_LOADED:
+                    self.locks.pop(self.loaded.popitem(last=False)[0], None)
+            return lm
+
+    def clear(self) -> None:
+        with self.lock:
+            self.loaded.clear()
+            self.failed.clear()
+
+
+_registry = _Registry()
+
+
+def _build(spec: str, device: str, dtype: str) -> LoadedModel:
     torch_dtype = getattr(torch, dtype)
     try:
         model, tokenizer = _load(spec, torch_dtype)
@@ -318,8 +391,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     """
     dev = torch.device(device) if device else _default_device()
     dt = dtype or str(_default_dtype(dev)).replace("torch.", "")
-    with _load_lock:  # two first requests must not dequantize the same model twice
-        return _load_cached(spec, str(dev), dt)
+    return _registry.get((spec, str(dev), dt))
 
 
 def from_model(model: torch.nn.Module, tokenizer=None, name: str = "custom") -> LoadedModel:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from polar_core.engine.generate import Stopping, generate
 from polar_core.engine.models import LoadedModel
+from polar_core.limits import Stopped
 from polar_core.program import Program
 from polar_core.study.checker import check_answer, extract_answer
 from polar_core.study.redundancy import gromov_program, load_redundancy, measure_redundancy, shortgpt_program
@@ -55,11 +56,14 @@ class Runner:
         prompt_fn: the prompt of an item (default: the suite's few-shot prompt).
         pool: a `polar_core.study.distributed.WorkerPool` to generate on (the
             same batches, spread over its workers); None = in this process.
+        should_stop: polled before every batch (in this process); True
+            raises polar_core.limits.Stopped, keeping the answers so far.
     """
 
     def __init__(self, lm: LoadedModel, *, prompt_fn: Callable[[TaskItem], str] = build_prompt,
-                 batch_size: int = 16, max_new_tokens: int = 8, progress: bool = True, pool=None):
-        self.lm, self.prompt_fn, self.pool = lm, prompt_fn, pool
+                 batch_size: int = 16, max_new_tokens: int = 8, progress: bool = True, pool=None,
+                 should_stop: Callable[[], bool] | None = None):
+        self.lm, self.prompt_fn, self.pool, self.should_stop = lm, prompt_fn, pool, should_stop
         self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
         self.results: dict[tuple[str, tuple[int, ...]], tuple[str, bool]] = {}
         self._prompts: dict[str, str] = {}
@@ -85,13 +89,20 @@ class Runner:
         if self.pool is None:
             texts = []
             for prompts, programs in jobs:
+                if self.should_stop is not None and self.should_stop():
+                    bar.close()
+                    self._keep(batches, texts)
+                    raise Stopped
                 texts.append(answer_texts(self.lm, prompts, programs, self.max_new_tokens))
                 bar.update(len(prompts))
         else:
             texts = self.pool.map("answer_texts", [(job, {"max_new_tokens": self.max_new_tokens}) for job in jobs],
                                   lambda index, done: bar.update(len(done)))
         bar.close()
-        for batch, batch_texts in zip(batches, texts):
+        self._keep(batches, texts)
+
+    def _keep(self, batches, texts) -> None:
+        for batch, batch_texts in zip(batches, texts):  # zip: only the batches that ran
             for (item, program), text in zip(batch, batch_texts):
                 self.results[(item.id, program.path)] = (text, check_answer(text, item))
 
@@ -440,7 +451,8 @@ def _held_out_table(setting: _Setting, router: Router, items, main: RouterUnderT
 
 
 def evaluate_family(lm: LoadedModel, router: Router | None, family: str, *, n_items: int = 20, drop: int = 6,
-                    why_no_router: str = "", progress: bool = False) -> EvalTable:
+                    why_no_router: str = "", progress: bool = False,
+                    should_stop: Callable[[], bool] | None = None) -> EvalTable:
     """The explorer's Evaluate tab: router top-1 (with best-of-k beside it)
     and the baselines over a family's test items; without a router, the full
     program and the static baselines dropping `drop` layers.
@@ -448,15 +460,28 @@ def evaluate_family(lm: LoadedModel, router: Router | None, family: str, *, n_it
     When the router's depth would make the static baselines the full program
     (a router that keeps every layer), they drop `drop` layers instead, and
     the table says so.
+
+    `should_stop` is polled between batches; when it turns true the table
+    holds the rows finished so far, its title marked "partial".
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown task family {family!r}; choose one of {', '.join(FAMILIES)}")
     items = sample_items(family, n_items, "test")
-    runner = Runner(lm, progress=progress)
+    runner = Runner(lm, progress=progress, should_stop=should_stop)
     title = f"{family}: {len(items)} test items"
+    rows: list[MethodRow] = []
+    notes: list[str] = []
+    try:
+        _family_rows(lm, router, runner, items, drop, why_no_router, rows, notes)
+    except Stopped:
+        title += f" (partial: stopped after {len(rows)} method(s))"
+    return EvalTable(title, tuple(rows), tuple(notes))
+
+
+def _family_rows(lm, router, runner: Runner, items, drop: int, why_no_router: str, rows: list, notes: list) -> None:
+    """The Evaluate tab's rows and notes, appended as each finishes (so a stop keeps the finished ones)."""
     depth = lm.num_layers
-    rows = [fixed_program_row(runner, items, Program.full(depth), "Full program", "full")]
-    notes = []
+    rows.append(fixed_program_row(runner, items, Program.full(depth), "Full program", "full"))
     if router is not None:
         preds = predict_items(lm, router, runner, items, k=5)
         top, best = router_rows(runner, items, preds, "Router", 5)
@@ -476,7 +501,6 @@ def evaluate_family(lm: LoadedModel, router: Router | None, family: str, *, n_it
     notes.append(f"Static programs: {source}.")
     for name, program in statics.items():
         rows.append(fixed_program_row(runner, items, program, f"{name} @ {depth - drop}", "static", program.format()))
-    return EvalTable(title, tuple(rows), tuple(notes))
 
 
 # --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from polar_core.engine.generate import Stopping, generate
 from polar_core.engine.inputs import encode_prompts, eos_token_ids
 from polar_core.engine.models import LoadedModel
+from polar_core.limits import Stopped
 from polar_core.program import Program
 from polar_core.study.analysis import expected_token_ids
 from polar_core.study.checker import check_answer, extract_answer
@@ -254,23 +255,25 @@ class PromptSearch:
     answers: list[str]  # each program's answer, as shown
     programs_scored: int
     seconds: float
-    full_valid: bool  # the full program itself gives the expected answer
+    full_valid: bool | None  # the full program itself gives the expected answer (None: stopped before it was scored)
     stopped: bool = False  # cut short (time limit or cancel): partial results
     rule: str = "exact"  # how answers were checked (polar_core.study.checker)
 
 
 def prompt_scorer(lm: LoadedModel, prompt_ids: Sequence[int], expected: str, few_shot: bool, rule: str = "exact",
-                  stop_strings: Sequence[str] = ()):
+                  stop_strings: Sequence[str] = (), should_stop: Callable[[], bool] | None = None):
     """Scores programs on one prompt: teacher forcing for few-shot prompts (an
     answer line that ends in a newline, checked exactly: fast, prefixes
     shared); decoding and the checker under `rule` otherwise (free text has
-    no fixed continuation)."""
+    no fixed continuation; a round of decoding stops at `should_stop`,
+    raising polar_core.limits.Stopped)."""
     if few_shot:
         stops = line_end_ids(lm.tokenizer) | eos_token_ids(lm)
         return make_scorer(lm, Target(prompt_ids, expected_token_ids(lm, prompt_ids, expected), stops))
 
     def decode(programs):
-        traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=tuple(stop_strings))
+        traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=tuple(stop_strings),
+                                 should_stop=should_stop)
         return [check_answer(t.text, expected, rule=rule) for t in traces]
 
     return decode
@@ -288,24 +291,34 @@ def find_programs(lm: LoadedModel, prompt: str, expected: str, *, method: str = 
 
     Args:
         progress: called with (programs scored, budget) after every round.
-        should_stop: polled between rounds; True ends the search early with
-            what it found so far (marked ``stopped``).
+        should_stop: polled between rounds (and between tokens of a decoded
+            round); True ends the search early with what the finished
+            rounds found (marked ``stopped``). The shortest programs found
+            are still checked by decoding: one batch of at most
+            `verify_top`, bounded work.
     """
     if not expected.strip():
         raise SearchError("a search needs an expected answer: a program is valid when it produces it")
     style = prompt_style(lm, prompt)
     rule = style.answer_rule(exact)
     ids = encode_prompts(lm, [style.text(prompt)], chat=style.chat).input_ids[0].tolist()
-    scorer = prompt_scorer(lm, ids, expected, style.few_shot, rule, style.stop_strings)
+    scorer = prompt_scorer(lm, ids, expected, style.few_shot, rule, style.stop_strings, should_stop)
     search = make_search(method, lm.num_layers, budget=budget, seed=0)
     stopped = False
     while programs := search.ask():
-        search.tell(programs, scorer(programs))
+        try:
+            verdicts = scorer(programs)
+        except Stopped:  # the round was cut short: its verdicts are not known
+            stopped = True
+            break
+        search.tell(programs, verdicts)
         if progress is not None:
             progress(search.programs_scored, budget)
         if should_stop is not None and should_stop():
             stopped = True
             break
+    if stopped:
+        search.stop()
     result = search.result()
     candidates = result.valid[:verify_top]
     traces = decode_programs(lm, ids, candidates, max_new_tokens=16, stop_strings=style.stop_strings)

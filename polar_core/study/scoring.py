@@ -37,9 +37,10 @@ from dataclasses import dataclass
 import torch
 
 from polar_core.engine.forward import forward_logits
-from polar_core.engine.generate import Stopping, generate
+from polar_core.engine.generate import PromptPassStopped, Stopping, generate
 from polar_core.engine.inputs import eos_token_ids, pad_id, pad_left, resolve_programs
 from polar_core.engine.models import LoadedModel
+from polar_core.limits import Stopped
 from polar_core.program import Program
 from polar_core.study.checker import check_answer, extract_answer
 from polar_core.study.tasks import STOP_TEXT, TaskItem, build_prompt
@@ -311,9 +312,14 @@ def decode_programs(
     max_new_tokens: int = 8,
     batch_size: int | None = None,
     stop_strings: Sequence[str] = (STOP_TEXT,),
+    should_stop: Callable[[], bool] | None = None,
 ):
     """Greedy continuations of one prompt under many programs (rows of one batch).
 
+    Args:
+        should_stop: polled between tokens and program steps; when it turns
+            true, `polar_core.limits.Stopped` is raised (a cut-short answer
+            would be judged wrong, so none is returned).
     Returns:
         One executor Trace per program.
     """
@@ -327,7 +333,14 @@ def decode_programs(
         chunk = programs[lo : lo + batch_size]
         batch = pad_left([list(prompt_ids)] * len(chunk), pad_id(lm), lm.device)
         stops = stop_strings if lm.tokenizer is not None else ()
-        traces += generate(lm, batch, chunk, max_new_tokens=max_new_tokens, stopping=Stopping(strings=stops))
+        try:
+            part = generate(lm, batch, chunk, max_new_tokens=max_new_tokens,
+                            stopping=Stopping(strings=stops, should_stop=should_stop))
+        except PromptPassStopped:
+            raise Stopped from None
+        if any(t.finish_reason == "cancelled" for t in part):
+            raise Stopped
+        traces += part
     return traces
 
 

@@ -143,6 +143,13 @@ class _Search:
         self.requested = []
         self._tell(paths)
 
+    def stop(self) -> None:
+        """End the search early (a time limit, a cancel): result() then holds what was told so far."""
+        if self._started is None:
+            self._started = time.perf_counter()
+        self.requested, self.done = [], True
+        self._seconds = time.perf_counter() - self._started
+
     def result(self) -> SearchResult:
         if not self.done:
             raise SearchError("the search is not finished")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polar_core.limits import LimitError, load_json, read_capped
 from polar_core.program import Program, ProgramError
 
 _ANSWER_KEYS = ("gt_ans", "ground_truth", "answer")
@@ -56,24 +57,25 @@ class SupervisionSample:
 
 
 def _read_json(path: Path, max_bytes: int) -> Any:
-    """Read a JSON file no larger than max_bytes."""
+    """Read a JSON file of at most max_bytes (read with a cap: a pipe reports no size)."""
     try:
-        size = path.stat().st_size
+        size = path.stat().st_size  # a regular file says its size: refused before reading
         if size > max_bytes:
-            raise SupervisionError(
-                f"{path}: file is {size} bytes; the limit is {max_bytes}"
-            )
-        raw = path.read_bytes()
+            raise SupervisionError(f"{path}: file is {size} bytes; the limit is {max_bytes}")
+        raw = read_capped(path, max_bytes)
+    except LimitError as err:
+        raise SupervisionError(str(err)) from err
     # ValueError: a path the OS cannot take at all (an embedded NUL byte).
     except (OSError, ValueError) as err:
         raise SupervisionError(f"cannot read supervision file {path}: {err}") from err
     try:
-        return json.loads(raw.decode("utf-8"))
+        return load_json(raw, max_bytes)
     except UnicodeDecodeError as err:
         raise SupervisionError(f"{path}: not UTF-8 text ({err})") from err
-    # ValueError covers JSONDecodeError and ints too long to convert;
-    # RecursionError covers absurdly deep nesting.
-    except (ValueError, RecursionError) as err:
+    except LimitError as err:
+        raise SupervisionError(f"{path}: {err}") from err
+    # ValueError covers JSONDecodeError; RecursionError cannot happen (depth is bounded first).
+    except ValueError as err:
         raise SupervisionError(f"{path}: not valid JSON ({_cut(str(err))})") from err
 
 

@@ -22,6 +22,7 @@ from polar_core.study.router.network import Router
 ASSET_ROOT = asset_path("router")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+MAX_CONFIG_BYTES = 65536
 
 
 def save_router(router: Router, directory: str | os.PathLike) -> Path:
@@ -56,8 +57,12 @@ def load_router(directory: str | os.PathLike, lm: LoadedModel | None = None) -> 
     """
     folder = Path(directory)
     try:
-        data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        with open(folder / CONFIG_FILE, "rb") as f:  # a byte cap: a config is a few hundred bytes
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"more than {MAX_CONFIG_BYTES} bytes")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise RouterError(f"cannot read router config {folder / CONFIG_FILE}: {err}") from err
     config = RouterConfig.from_dict(data)
     if lm is not None:
@@ -66,7 +71,10 @@ def load_router(directory: str | os.PathLike, lm: LoadedModel | None = None) -> 
         state = load_file(str(folder / WEIGHTS_FILE))
     except (OSError, SafetensorError, ValueError, RuntimeError) as err:
         raise RouterError(f"cannot read router weights {folder / WEIGHTS_FILE}: {err}") from err
-    router = Router(config)
+    try:  # the config's sizes are bounded (RouterConfig), but memory may still run out
+        router = Router(config)
+    except (RuntimeError, MemoryError, ValueError) as err:
+        raise RouterError(f"cannot build the router of {folder / CONFIG_FILE}: {err}") from err
     expected = {k: tuple(v.shape) for k, v in router.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:

@@ -13,6 +13,15 @@ class RouterError(ValueError):
     """A router config or checkpoint that cannot be used (message says why)."""
 
 
+# Upper bounds on every size in a config, checked before anything is
+# allocated: a config.json with "max_tokens": 10000000000 must be refused
+# with a message, not reach torch and fail to allocate. Generous: the
+# paper's router is d_model 256, 4 heads, 2 blocks.
+MAX_SIZES = {"num_layers": 1024, "feature_size": 65536, "d_model": 8192, "num_heads": 128, "num_blocks": 64,
+             "mlp_ratio": 16, "max_tokens": 65536, "max_segment": 64, "beam_width": 64}
+MAX_PARAMETERS = 500_000_000  # a router is a few million; this refuses one that cannot fit in memory
+
+
 # --------------------------------------------------------------------------
 # config
 
@@ -52,9 +61,11 @@ class RouterConfig:
         for name in ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RouterError(f"router config: {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.model_name, str) or not self.model_name:
-            raise RouterError("router config: model_name must be a non-empty string")
+                raise RouterError(f"router config: {name} must be a positive integer, got {str(value)[:40]!r}")
+            if value > MAX_SIZES[name]:
+                raise RouterError(f"router config: {name} is {value}; at most {MAX_SIZES[name]} is accepted")
+        if not isinstance(self.model_name, str) or not self.model_name or len(self.model_name) > 300:
+            raise RouterError("router config: model_name must be a non-empty string (at most 300 characters)")
         if isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int):
             raise RouterError(f"router config: feature_layer must be an integer, got {self.feature_layer!r}")
         if not 0 <= self.feature_layer < self.num_layers:
@@ -63,6 +74,17 @@ class RouterConfig:
             raise RouterError(f"router config: d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.full_path_weight <= 1.0:
             raise RouterError("router config: dropout must be in [0, 1) and full_path_weight in [0, 1]")
+        if self.num_parameters() > MAX_PARAMETERS:
+            raise RouterError(f"router config describes {self.num_parameters():,} parameters; at most "
+                              f"{MAX_PARAMETERS:,} are accepted")
+
+    def num_parameters(self) -> int:
+        """Parameters of the network this config builds (polar_core.study.router.network), from sizes alone."""
+        d, f, mlp = self.d_model, self.feature_size, self.mlp_ratio * self.d_model
+        attention = 4 * d * d + 4 * d  # in-projection (3 d x d) and out-projection, with biases
+        block = attention + 2 * d * mlp + mlp + d + 4 * d  # + MLP and two layer norms
+        return (2 * f + f * d + d + self.max_tokens * d + self.num_layers * d + 2 * d + attention
+                + self.num_blocks * block + 2 * d + (d + 1) + (3 * d + 3))
 
     @classmethod
     def for_model(cls, lm: LoadedModel, **overrides) -> RouterConfig:

@@ -201,14 +201,54 @@ def test_unsupported_family_is_named():
 
 
 def test_time_limit_and_cancellation_end_generation_cleanly(tiny_llama):
-    timed = generate(tiny_llama, _batch(), None, max_new_tokens=50, stopping=Stopping(at_eos=False, time_limit_s=0.0))
-    assert all(t.finish_reason == "time" and len(t.token_ids) == 1 for t in timed)
-    polls = []
-    cancelled = generate(tiny_llama, _batch(), None, max_new_tokens=50, stopping=Stopping(at_eos=False, should_stop=lambda: polls.append(1) or len(polls) >= 3))
+    tokens = {"n": 0}
+    cancelled = generate(tiny_llama, _batch(), None, max_new_tokens=50, stopping=Stopping(
+        at_eos=False, should_stop=lambda: tokens["n"] >= 3), on_tokens=lambda rows: tokens.update(n=len(rows[0])))
     assert all(t.finish_reason == "cancelled" and len(t.token_ids) == 3 for t in cancelled)
     # The model is unharmed: the next request equals a fresh one.
     again = generate(tiny_llama, _batch(), None, max_new_tokens=5, stopping=Stopping(at_eos=False))
     assert [t.token_ids for t in again] == [t.token_ids[:5] for t in generate(tiny_llama, _batch(), None, max_new_tokens=5, stopping=Stopping(at_eos=False))]
+
+
+def _counting_layers(lm, monkeypatch) -> list[int]:
+    """Record every layer call of lm's adapter (undone when the test ends)."""
+    calls, cls = [], type(lm.adapter)
+    run_layer = cls.run_layer
+
+    def counted(self, layer, *args, **kwargs):
+        if self is lm.adapter:
+            calls.append(layer)
+        return run_layer(self, layer, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run_layer", counted)
+    return calls
+
+
+@pytest.mark.parametrize("stopping, reason", [(Stopping(time_limit_s=0.0), "time"),
+                                              (Stopping(should_stop=lambda: True), "cancelled")])
+def test_the_prompt_pass_stops_at_the_time_limit_and_on_cancel(tiny_llama, monkeypatch, stopping, reason):
+    """Regression: the time limit was checked between tokens only, so a long
+    prompt under 0-29x4 took 27.5 s of prompt pass under a 0.5 s limit. The
+    prompt pass now stops between program steps: here after its first step of 16."""
+    from polar_core.engine.generate import PromptPassStopped
+
+    calls = _counting_layers(tiny_llama, monkeypatch)
+    looped = Program.parse("0-3x4", tiny_llama.num_layers)
+    with pytest.raises(PromptPassStopped) as caught:
+        generate(tiny_llama, _batch(), looped, max_new_tokens=5, stopping=stopping)
+    assert caught.value.reason == reason and len(calls) == 1
+    if reason == "time":
+        assert "16 layer calls" in str(caught.value) and "time limit" in str(caught.value)
+
+
+def test_a_generous_time_limit_changes_no_token(tiny_llama):
+    """The deadline checks between steps change nothing the steps compute."""
+    looped = Program.parse("0-3x2", tiny_llama.num_layers)
+    plain = generate(tiny_llama, _batch(), looped, max_new_tokens=6, stopping=Stopping(at_eos=False))
+    timed = generate(tiny_llama, _batch(), looped, max_new_tokens=6,
+                     stopping=Stopping(at_eos=False, time_limit_s=600, should_stop=lambda: False))
+    assert [t.token_ids for t in timed] == [t.token_ids for t in plain]
+    assert all(torch.equal(a.final_logits, b.final_logits) for a, b in zip(timed, plain))
 
 
 # ---------------------------------------------------------------- drafts

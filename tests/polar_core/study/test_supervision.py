@@ -163,8 +163,8 @@ def test_errors_name_sample_and_problem(data, match):
     [
         ("{not json", "not valid JSON"),
         ("", "not valid JSON"),
-        ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # nesting deeper than the recursion limit
-        ("[" + "9" * 5000 + "]", "not valid JSON"),  # an int too long for Python to convert
+        ("[" * 100_000 + "]" * 100_000, "nests 100000 levels deep"),  # refused before parsing (RecursionError)
+        ("[" + "9" * 5000 + "]", "a number has 5000 digits"),  # refused before int() converts it
     ],
 )
 def test_bad_files(tmp_path, text, match):
@@ -300,3 +300,29 @@ def test_random_files_fail_only_with_supervision_error(data):
             except UnicodeEncodeError:  # lone surrogates cannot be written as UTF-8
                 return
         _check(path)
+
+
+def test_a_pipe_cannot_bypass_the_size_limit(tmp_path):
+    """Regression: the limit was checked on st_size, which is 0 for a FIFO, so a
+    pipe fed 300 MiB was read whole. The file is now read with a byte cap."""
+    import threading
+
+    fifo = tmp_path / "samples.json"
+    os.mkfifo(fifo)
+    written = []
+
+    def feed():
+        try:
+            with open(fifo, "wb") as f:
+                for _ in range(64):  # 64 x 64 KiB = 4 MiB, far over the 100 KB limit below
+                    f.write(b"[" + b" " * 65535)
+                    written.append(1)
+        except BrokenPipeError:  # the reader stopped at its cap: what we want
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    with pytest.raises(SupervisionError, match="more than 100000 bytes"):
+        load_supervision(fifo, D, max_bytes=100_000)
+    writer.join(10)
+    assert len(written) < 64  # the reader did not drain the pipe
