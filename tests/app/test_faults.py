@@ -14,6 +14,8 @@ from tiny import build_tiny, rigged_router, tiny_lm_with_chars
 
 from app import handlers as H
 from app.session import MODELS_ENV, InputError, Session, default_model, get_model
+from polar_core.engine import decoder as decoder_module
+from polar_core.engine import generate as generate_module
 from polar_core.engine.models import DEFAULT_MODEL
 from polar_core.study.router import RouterConfig, save_router
 
@@ -166,15 +168,31 @@ def test_generation_stops_at_the_request_time_limit(real_lm, monkeypatch):
     """POLAR_REQUEST_SECONDS bounds a run; the summary says the answer was cut.
 
     The limit counts the prompt pass too (a run that cannot finish its
-    prompt pass is refused: tests/app/test_hostile.py), so it is set from a
-    timed run: room for the prompt pass, a tenth of the decoding."""
+    prompt pass is refused: tests/app/test_hostile.py). Decoding is fast and
+    a busy host's prompt pass is not, so the generation's clock is made to
+    pass 5 s per decoded token: the limit (the prompt pass three times
+    over, plus 2 s) then cuts the answer after a few tokens on any host."""
+    offset = [0.0]
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return time.perf_counter() + offset[0]
+
+    push = decoder_module.Decoder.push
+
+    def slow_push(self, next_tokens):
+        offset[0] += 5.0
+        return push(self, next_tokens)
+
     prompt = "Describe the water cycle in a few sentences."
     timed = H.run(real_lm, Session(), prompt, "0-29x2").trace
     assert len(timed.token_ids) == H.MAX_NEW_TOKENS  # a long answer: there is decoding to cut
-    limit = 3 * timed.prefill_seconds + timed.decode_seconds / 10
-    monkeypatch.setenv("POLAR_REQUEST_SECONDS", f"{limit:.3f}")
+    monkeypatch.setattr(generate_module, "time", Clock)
+    monkeypatch.setattr(decoder_module.Decoder, "push", slow_push)
+    monkeypatch.setenv("POLAR_REQUEST_SECONDS", f"{3 * timed.prefill_seconds + 2.0:.3f}")
     view = H.run(real_lm, Session(), prompt, "0-29x2")
-    assert view.edited.tokens < H.MAX_NEW_TOKENS
+    assert 0 < view.edited.tokens < H.MAX_NEW_TOKENS
     assert "cut at the time limit" in view.summary
 
 
