@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from polar_core.engine.generate import Stopping, generate
@@ -21,10 +22,11 @@ from polar_core.program import Program
 from polar_core.study import tasks
 from polar_core.study.analysis import analyze
 from polar_core.study.evaluate import measure_full_accuracy, run_evaluation
-from polar_core.study.find import search_task_items, summarize
+from polar_core.study.find import DECODE_MARGIN, search_task_items, summarize
 from polar_core.study.prompts import PromptStyle, prompt_style, shown_answer
 from polar_core.study.redundancy import measure_redundancy, save_redundancy
 from polar_core.study.router import RouterConfig, default_router_path, load_router, save_router, train_router
+from polar_core.study.scoring import CASCADE_MARGIN, CascadeStats, bfloat16_twin, native_bfloat16
 from polar_core.study.supervision import SupervisionSample, load_supervision, save_supervision
 from polar_core.study.tables import report_markdown
 
@@ -193,10 +195,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     families = args.families or list(tasks.FAMILIES)
     items = [it for f in families for it in tasks.sample_items(f, args.per_family or None, args.split)]
     methods = ["mcts", "greedy"] if args.method == "both" else [args.method]
+    use_fast = args.fast == "bfloat16" or (args.fast == "auto" and lm.dtype == torch.float32
+                                            and native_bfloat16(lm.device))
+    fast = bfloat16_twin(lm) if use_fast else None
+    cascade = CascadeStats()
     started = time.perf_counter()
     with _TwoStageBars(len(items) * len(methods)) as bars:
         records = search_task_items(lm, items, methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
-                                    progress=bars.search, check_progress=bars.check)
+                                    recheck_invalid=args.recheck_invalid, decode_margin=args.decode_margin,
+                                    fast=fast, cascade=cascade, progress=bars.search, check_progress=bars.check)
     seconds = time.perf_counter() - started
     by_id = {it.id: it for it in items}
     samples = [
@@ -211,7 +218,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     stats = {"command": "python -m polar_core " + shlex.join(args.argv), "model": info["name"],
              "device": info["device"], "dtype": info["dtype"], "methods": methods, "budget": args.budget,
              "seed": args.seed, "wave": args.wave, "split": args.split, "families": families,
-             "per_family": args.per_family, "seconds": round(seconds, 1), **summarize(records, lm.num_layers),
+             "per_family": args.per_family, "seconds": round(seconds, 1),
+             "scoring": (f"bfloat16 pass, float32 for programs above margin -{CASCADE_MARGIN}" if fast is not None
+                         else f"{info['dtype']} teacher forcing"),
+             "programs_rescored_float32": cascade.rescored if fast is not None else None,
+             "decode_margin": args.decode_margin, "recheck_invalid": args.recheck_invalid,
+             **summarize(records, lm.num_layers),
              "item_ids": [r.item_id for r in records]}
     stats_path = Path(args.stats) if args.stats else out.with_suffix(".stats.json")
     stats_path.write_text(json.dumps(stats, indent=1) + "\n")
@@ -340,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", required=True, help="supervision JSON to write")
     search.add_argument("--stats", default=None, help="statistics JSON (default: OUT with .stats.json)")
     search.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the model's default)")
+    search.add_argument("--fast", default="auto", choices=("auto", "bfloat16", "none"),
+                        help="score with a bfloat16 twin first, float32 where it is not clearly invalid "
+                             "(auto: on a float32 model where bfloat16 is native)")
+    search.add_argument("--recheck-invalid", type=int, default=2,
+                        help="teacher-forced invalid programs per item re-checked by decoding (agreement statistic)")
+    search.add_argument("--decode-margin", type=float, default=DECODE_MARGIN,
+                        help="decode teacher-forced valid programs whose margin is below this (inf: all)")
     _add_model_args(search)
     search.set_defaults(func=_cmd_search)
 
