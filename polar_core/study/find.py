@@ -41,6 +41,10 @@ MAX_NEW_TOKENS = 8  # tokens decoded per answer (the suite's answers are short)
 # Teacher forcing and cached decoding compute the same greedy choices; they
 # differ by float rounding between batch shapes, measured ~1e-4 logits here.
 DECODE_MARGIN = 0.5
+# Invalid programs decoded per search run to measure teacher forcing against
+# decoding on them (they disagree when the checker accepts another answer,
+# ~1 in 1,000 before): a sample of this size is enough, and each costs a decode.
+RECHECK_TOTAL = 64
 
 
 @dataclass
@@ -98,7 +102,8 @@ def search_task_items(
     seed: int = 0,
     wave: int = 8,
     shots: int = 3,
-    recheck_invalid: int = 2,
+    recheck_invalid: int = 1,
+    recheck_total: int = RECHECK_TOTAL,
     group: int | None = None,
     fast: LoadedModel | None = None,
     decode_margin: float = DECODE_MARGIN,
@@ -117,9 +122,9 @@ def search_task_items(
     their margin is below `decode_margin` (only those that pass are kept);
     above it, teacher forcing and decoding compute the same greedy tokens, so
     decoding could only disagree by float noise far smaller than the margin.
-    ``recheck_invalid`` teacher-forced invalid programs per item (a seeded
-    sample) are decoded too, to measure how often the checker accepts an
-    answer other than the forced one.
+    ``recheck_invalid`` teacher-forced invalid programs per item, at most
+    ``recheck_total`` in all (a seeded sample), are decoded too, to measure
+    how often the checker accepts an answer other than the forced one.
 
     Args:
         methods: "mcts" and/or "greedy"; several share one verdict cache per item.
@@ -144,8 +149,8 @@ def search_task_items(
         report = None if progress is None else (lambda done, base=done_before: progress(base + done, len(items) * len(methods)))
         _search_method(lm, method, targets, seen, budget=budget, seed=seed, wave=wave, group=group, progress=report,
                        fast=fast, cascade=cascade)
-    return _verify(lm, items, answers, right, targets, seen, shots, recheck_invalid, seed, decode_margin,
-                   check_progress)
+    return _verify(lm, items, answers, right, targets, seen, shots, recheck_invalid, recheck_total, seed,
+                   decode_margin, check_progress)
 
 
 def _search_method(lm: LoadedModel, method: str, targets: Sequence[Target], seen: list[_Seen], *, budget: int,
@@ -186,7 +191,7 @@ def _search_method(lm: LoadedModel, method: str, targets: Sequence[Target], seen
 
 
 def _verify(lm: LoadedModel, items, answers, right, targets, seen: list[_Seen], shots: int, recheck_invalid: int,
-            seed: int, decode_margin: float, check_progress) -> list[ItemRecord]:
+            recheck_total: int, seed: int, decode_margin: float, check_progress) -> list[ItemRecord]:
     """Decode the teacher-forced valid programs whose margin is small (and a
     sample of invalid ones) to keep only the truly valid."""
     rng = random.Random(seed)
@@ -194,6 +199,10 @@ def _verify(lm: LoadedModel, items, answers, right, targets, seen: list[_Seen], 
     tf_valid = [sorted((p for p in s.order if s.verdicts[p]), key=shortest_first) for s in seen]
     tf_invalid = [sorted((p for p in s.order if not s.verdicts[p]), key=shortest_first) for s in seen]
     recheck = [rng.sample(bad, min(recheck_invalid, len(bad))) for bad in tf_invalid]
+    chosen = [(i, p) for i, ps in enumerate(recheck) for p in ps]
+    if len(chosen) > recheck_total:  # a large search: the agreement statistic needs a sample, not every item
+        keep = set(rng.sample(chosen, recheck_total))
+        recheck = [[p for p in ps if (i, p) in keep] for i, ps in enumerate(recheck)]
     depth = lm.num_layers
     # Decoding writes at most MAX_NEW_TOKENS tokens: a longer answer must be decoded to be judged.
     to_decode = [[p for p in tf_valid[i] if seen[i].margins.get(p, 0.0) < decode_margin

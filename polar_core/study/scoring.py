@@ -249,7 +249,7 @@ def teacher_forced_scores(
     embedded = adapter.embed(pad_right([t.input_ids for t in targets], pad_id(lm), lm.device))  # (J, T, d)
     pos = adapter.causal_positions(embedded)
     trie = _Trie.build([[p.path for p in ps] for _, ps in jobs])
-    states = {job: embedded[job] for job in range(len(jobs))}  # node -> (T, d), while a child still needs it
+    states = {job: (embedded, job) for job in range(len(jobs))}  # node -> (tensor, row), while a child needs it
     waiting = [len(c) for c in trie.children]  # children not computed yet, per node
     ready: dict[int, list[int]] = {}  # layer -> nodes whose parent is computed
     for job in range(len(jobs)):
@@ -261,8 +261,12 @@ def teacher_forced_scores(
         nodes = ready.pop(layer)
         for lo in range(0, len(nodes), max_rows):
             chunk = nodes[lo : lo + max_rows]
-            hidden = torch.stack([states[trie.parent[c]] for c in chunk])  # (n, T, d)
-            hidden = adapter.run_layer(layer, hidden, pos)
+            # Rows that come from the same earlier output go together, in its order: fewer copies.
+            first_seen: dict[int, int] = {}
+            for c in chunk:
+                first_seen.setdefault(id(states[trie.parent[c]][0]), len(first_seen))
+            chunk.sort(key=lambda c: (first_seen[id(states[trie.parent[c]][0])], states[trie.parent[c]][1]))
+            hidden = adapter.run_layer(layer, _gather([states[trie.parent[c]] for c in chunk]), pos)  # (n, T, d)
             ended = []
             for row, node in enumerate(chunk):
                 parent = trie.parent[node]
@@ -270,13 +274,32 @@ def teacher_forced_scores(
                 if not waiting[parent]:
                     del states[parent]
                 if trie.children[node]:
-                    states[node] = hidden[row]
+                    states[node] = (hidden, row)
                     for next_layer, child in trie.children[node].items():
                         ready.setdefault(next_layer, []).append(child)
                 if node in trie.ends:
                     ended.append((row, node))
             _score_ends(adapter, trie, ended, hidden, targets, masks, out)
     return out  # type: ignore[return-value]
+
+
+def _gather(sources: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """Rows of earlier outputs stacked (n, T, d), with as few copies as possible:
+    none when they are one earlier output whole and in order (a chain of layers),
+    else one index_select per earlier output (rows sorted by source first)."""
+    pieces, start = [], 0
+    while start < len(sources):
+        tensor = sources[start][0]
+        end = start
+        while end < len(sources) and sources[end][0] is tensor:
+            end += 1
+        rows = [r for _, r in sources[start:end]]
+        if rows == list(range(tensor.shape[0])):
+            pieces.append(tensor)
+        else:
+            pieces.append(tensor.index_select(0, torch.tensor(rows, device=tensor.device)))
+        start = end
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _score_ends(adapter, trie: _Trie, ended, hidden: torch.Tensor, targets, masks, out) -> None:
