@@ -315,10 +315,11 @@ def _prompt_column():
 
 def _predict_column():
     with gr.Column(scale=4):
-        gr.Markdown("#### Router's ranked programs")
-        table = gr.Dataframe(headers=["rank", "program", "layers", "score"], datatype=["number", "str", "number", "number"],
+        gr.Markdown("#### Router's ranked programs, then suggestions")
+        table = gr.Dataframe(headers=H.PREDICT_COLUMNS, datatype=["number", "str", "number", "number", "str"],
                              interactive=False, type="array", max_height=220, elem_id="predictions")
-        message = gr.Markdown("Press **Predict program** to ask the router.")
+        message = gr.Markdown("Press **Predict program** to ask the router; programs marked *suggested* need no "
+                              "router and are verified to keep the full program's answer.")
     return table, message
 
 
