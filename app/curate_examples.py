@@ -1,6 +1,6 @@
 """Choose the Learn tab's examples by measurement on the default model.
 
-    python -m app.curate_examples            # writes app/learn_examples.json
+    python -m app.curate_examples [--model M]   # writes app/learn/<model>.json
 
 Four lessons, each found by running candidates and keeping the first that
 shows it, with the measured facts stored beside the text that explains them:
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.handlers import LEARN_FILE
+from app.handlers import learn_file
 from polar_core.engine.generate import Stopping, Trace, generate
 from polar_core.engine.models import DEFAULT_MODEL, load_model
 from polar_core.program import Program
@@ -29,6 +29,17 @@ from polar_core.study.find import find_programs
 from polar_core.study.redundancy import load_redundancy, shortgpt_program
 
 SKIP_FAMILIES = ("capitals", "antonyms")
+# What each lesson's card tells a student to look at (the page keeps the card beside the results).
+LOOK = {
+    "skip": "the two answers (no word highlighted: they are the same), the cost line (fewer layer calls per "
+            "token), and how close the Alignment chart stays to 1.",
+    "break": "the edited answer (highlighted: changed), its ✗, and the Answer-token probability chart: the "
+             "edited program's line stays near 0 while the full program's rises in its last layers.",
+    "fix": "the two marks (✗ for the full program, ✓ for the edited one) and the Logit lens: the rows near the "
+           "top, where the edited program settles on its answer.",
+    "emerge": "the Logit lens chart, from the bottom row (the first step) up: the outlined cells are the "
+              "answer's token; it takes the first column (top-1) only in the last few steps.",
+}
 FIX_FAMILIES = ("add_1digit", "next_number", "word_problems")
 
 
@@ -47,18 +58,34 @@ def _right_items(lm, families, n):
                 yield item, text, trace
 
 
-def lesson_skip(lm) -> dict:
-    """The most ShortGPT layers that can go with the answer unchanged (n >= 2)."""
+def _right_items_by_id(lm, item_ids):
+    full = Program.full(lm.num_layers)
+    for item in (tasks.get_item(i) for i in item_ids):
+        text, trace = _answer(lm, tasks.build_prompt(item), full)
+        if check_answer(text, item):
+            yield item, text, trace
+
+
+def lesson_skip(lm, like: str | None = None) -> dict:
+    """The most ShortGPT layers that can go with the answer unchanged; with
+    `like` (another model's lesson item), that item's prompt when this model
+    answers it right, so the two models' lessons compare directly."""
     red = load_redundancy(lm.name)
     best = None
-    for item, text, _ in _right_items(lm, SKIP_FAMILIES, 6):
+    candidates = _right_items(lm, SKIP_FAMILIES, 6)
+    if like is not None:
+        preferred = list(_right_items_by_id(lm, [like]))
+        candidates = preferred or candidates
+    for item, text, _ in candidates:
         prompt = tasks.build_prompt(item)
-        for n in range(2, 13):
+        for n in range(1, 13):
             program = shortgpt_program(red, n)
             if _answer(lm, prompt, program)[0] != text:
                 break
             if best is None or n > best[0]:
                 best = (n, item, text, program)
+    if best is None:
+        raise RuntimeError("no right answer survived skipping even one layer")
     n, item, text, program = best
     bi = [round(float(red.block_influence[i]), 4) for i in program.skipped_layers()]
     return dict(
@@ -68,6 +95,7 @@ def lesson_skip(lm) -> dict:
                      f"Skipping all {n} of them leaves the answer “{text}” unchanged while running "
                      f"{program.layer_calls} of {lm.num_layers} layers. Compare the two answers and the "
                      "alignment curve."),
+        look=LOOK["skip"],
         prompt=tasks.build_prompt(item), expected=item.answer, program=program.format(),
         facts=dict(item=item.id, answer=text, skipped=list(program.skipped_layers()), block_influence=bi,
                    layers=program.layer_calls),
@@ -89,6 +117,7 @@ def lesson_break(lm) -> dict:
                          f"(skipping the top ten layers) gives “{broken or '(nothing)'}”. In the logit lens the "
                          f"answer token “{track.token.strip()}” never gets better than rank {best} in the {program.layer_calls} "
                          "steps that remain: the last layers are the ones that turn the hidden state into it."),
+            look=LOOK["break"],
             prompt=tasks.build_prompt(item), expected=item.answer, program=program.format(),
             facts=dict(item=item.id, full_answer=text, broken_answer=broken, layers=program.layer_calls,
                        answer_token=track.token, best_rank=best),
@@ -118,6 +147,7 @@ def lesson_fix(lm, budget: int = 80) -> dict:
                              f"The program `{program.format()}` {how} and answers “{right}”. Such fixes are "
                              "found by search with the answer known; a router has to guess them from the "
                              "question alone, which is much harder."),
+                look=LOOK["fix"],
                 prompt=prompt, expected=item.answer, program=program.format(),
                 facts=dict(item=item.id, full_answer=wrong, fixed_answer=right, layers=program.layer_calls,
                            search_budget=budget),
@@ -144,6 +174,7 @@ def lesson_emerge(lm) -> dict:
                      f"answer's first token “{track.token.strip()}” first reaches the top at step "
                      f"{track.first_top1} and stays there from step {step} (layer {step - 1}) of {D}; {later}. "
                      "Before that, the lens shows other guesses: the answer is built late in the stack."),
+        look=LOOK["emerge"],
         prompt=tasks.build_prompt(item), expected=item.answer, program="full",
         facts=dict(item=item.id, answer=text, token=track.token, first_top1=track.first_top1, top1_from=step),
     )
@@ -152,18 +183,22 @@ def lesson_emerge(lm) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--out", type=Path, default=LEARN_FILE)
+    parser.add_argument("--out", type=Path, default=None, help="default: app/learn/<model>.json")
+    parser.add_argument("--like", type=Path, default=None,
+                        help="another model's lessons: reuse their items where this model answers them right")
     args = parser.parse_args(argv)
     lm = load_model(args.model)
     started = time.perf_counter()
+    like = {ex["kind"]: ex["facts"]["item"] for ex in json.loads(args.like.read_text())["examples"]} if args.like else {}
     examples = []
     for lesson in (lesson_skip, lesson_break, lesson_fix, lesson_emerge):
-        examples.append(lesson(lm))
+        examples.append(lesson(lm, like=like.get("skip")) if lesson is lesson_skip else lesson(lm))
         print(f"{examples[-1]['kind']:7s} {examples[-1]['facts']}", flush=True)
-    data = {"command": "python -m app.curate_examples" + (f" --model {args.model}" if args.model != DEFAULT_MODEL else ""),
+    data = {"command": "python -m app.curate_examples " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": args.model, "seconds": round(time.perf_counter() - started, 1), "examples": examples}
-    args.out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out = args.out or learn_file(args.model)
+    out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 

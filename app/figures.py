@@ -45,6 +45,33 @@ TEMPLATE = go.layout.Template(layout=dict(
 ))
 FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=12)
 MAX_TICKS = 20  # more tick labels than this collide at laptop widths
+LENS_ROW_PX = 20  # one lens row per step, tall enough for 11 px token text
+# A colour bar in the lower part of the right margin, below the Plotly toolbar
+# (drawn vertically in that margin, see PLOT_CONFIG), so neither covers the other.
+COLORBAR = dict(thickness=12, len=0.6, y=0, yanchor="bottom")
+
+# One line under each chart saying how to read it (the page shows them; tests
+# check that every chart the page draws has one).
+CAPTIONS = {
+    "program": "Each filled cell is one step: the layer (row) the program runs at that step (column). "
+               "A staircase is the full program; gaps are skipped layers; orange cells run a layer again (a loop).",
+    "similarity": "Cosine similarity of the hidden state after every pair of steps (last prompt token). "
+                  "Bright blocks are steps that barely change the state: candidates to skip.",
+    "logit_lens": "Each row decodes one step's hidden state as if it were the last layer: its top 5 next tokens, "
+                  "darker = more probable. The last step is at the top; the answer's token is outlined in red.",
+    "answer_probability": "Probability of the answer's first token when each step is decoded (logit lens), "
+                          "full program in grey, edited program in blue: where the answer appears.",
+    "block_influence": "How much each step changes the hidden state, 1 − cos(input, output). "
+                       "Low bars are steps that do little (ShortGPT drops those layers).",
+    "alignment": "Cosine of the edited program's hidden state to the full program's, after the same layer (solid) "
+                 "and at its end (dashed): 1 = on the same track.",
+    "accuracy": "Accuracy against average layer calls per token, one marker per method; hollow markers are "
+                "oracles (they need the answer to choose), dashed lines join a method to its oracle.",
+}
+# Plotly's own options for every chart (gr.Plot passes them on): the toolbar
+# stands vertically in the right margin, off the titles, and its camera saves
+# a PNG at twice the screen size.
+PLOT_CONFIG = dict(displaylogo=False, modeBarButtonsToRemove=["select2d", "lasso2d", "autoScale2d"])
 
 
 # ----------------------------------------------------------------- helpers
@@ -57,14 +84,17 @@ def _style(
     yaxis_title: str | None = None,
 ) -> go.Figure:
     """Apply the shared look: template, font, margins, title left, legend top right."""
+    legend = sum(t.showlegend is not False and bool(t.name) for t in fig.data) > 1
     fig.update_layout(
         template=TEMPLATE,
         font=FONT,
         height=height,
-        margin=dict(l=64, r=24, t=64 if title else 36, b=56),
+        margin=dict(l=64, r=44, t=56 if title else 28, b=96 if legend else 56),
         title=dict(text=title, x=0.01, xanchor="left", font=dict(size=15)) if title else None,
-        legend=dict(orientation="h", x=1, xanchor="right", y=1.01, yanchor="bottom"),
+        # Under the x axis, so that neither the title nor the toolbar covers it at phone widths.
+        legend=dict(orientation="h", x=0, xanchor="left", y=0, yref="container", yanchor="bottom"),
         hoverlabel=dict(font=dict(family=FONT["family"], size=12)),
+        modebar=dict(orientation="v", bgcolor="rgba(255,255,255,0.6)"),
     )
     if xaxis_title is not None:
         fig.update_xaxes(title_text=xaxis_title)
@@ -82,10 +112,15 @@ def _check_len(name: str, values: Sequence, expected: int, against: str) -> None
         raise ValueError(f"{name} has length {len(values)}, expected {expected} (len({against}))")
 
 
-def _step_ticks(labels: Sequence[str]) -> dict:
-    """Axis settings showing at most MAX_TICKS step labels, evenly thinned."""
+def plot_config(name: str) -> dict:
+    """PLOT_CONFIG with the PNG file name for one chart ("polar-<name>.png")."""
+    return dict(PLOT_CONFIG, toImageButtonOptions=dict(format="png", filename=f"polar-{name}", scale=2))
+
+
+def _step_ticks(labels: Sequence[str], max_ticks: int = MAX_TICKS) -> dict:
+    """Axis settings showing at most max_ticks step labels, evenly thinned."""
     n = len(labels)
-    stride = max(1, math.ceil(n / MAX_TICKS))
+    stride = max(1, math.ceil(n / max_ticks))
     idx = list(range(0, n, stride))
     return dict(tickmode="array", tickvals=idx, ticktext=[str(labels[i]) for i in idx])
 
@@ -156,6 +191,53 @@ def empty_figure(message: str) -> go.Figure:
 
 
 # ---------------------------------------------------------------- builders
+def _check_paths(path: Sequence[int], baseline_path: Sequence[int] | None, num_layers: int) -> None:
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    for name, p in (("path", path), ("baseline_path", baseline_path or [])):
+        bad = [i for i in p if not 0 <= int(i) < num_layers]
+        if bad:
+            raise ValueError(f"{name} has layers outside 0..{num_layers - 1}: {bad[:5]}")
+
+
+def _roll_cells(path: list[int], D: int, S: int) -> tuple[dict, dict]:
+    """Per op, a (D, S) matrix (1 = a cell, NaN = none, so no hover) and its hover text.
+
+    A layer's first visit is "keep", later visits "repeat"; a layer never
+    visited is a "skip" row across every step.
+    """
+    z = {op: np.full((D, S), np.nan) for op in ("skip", "keep", "repeat")}
+    hover = np.full((D, S), "", dtype=object)  # keep and repeat cells never overlap: one text for both
+    skip_hover = np.full((D, S), "", dtype=object)
+    visits = [0] * D
+    for k, layer in enumerate(path):
+        visits[layer] += 1
+        z["keep" if visits[layer] == 1 else "repeat"][layer, k] = 1.0
+        hover[layer, k] = f"step {k}: layer {layer} (visit {visits[layer]})"
+    for i in (i for i in range(D) if visits[i] == 0):
+        z["skip"][i, :] = 1.0
+        skip_hover[i, :] = f"layer {i}: skipped"
+    return z, {"skip": skip_hover, "keep": hover, "repeat": hover}
+
+
+def _roll_heatmaps(fig: go.Figure, z: dict, text: dict, D: int, S: int) -> None:
+    """One single-colour heatmap per op, then a legend swatch for each op shown."""
+    for op in ("skip", "keep", "repeat"):
+        fig.add_trace(go.Heatmap(
+            z=z[op], x=list(range(S)), y=list(range(D)), text=text[op], name=OP_NAMES[op],
+            colorscale=[[0, OP_COLORS[op]], [1, OP_COLORS[op]]], zmin=0, zmax=1, showscale=False,
+            hoverongaps=False, hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1,
+            legendgroup=op, opacity=0.6 if op == "skip" else 1.0,
+        ))
+    # Heatmaps have no legend swatch of their own: add one marker per op shown.
+    shown = ["keep"] + [op for op in ("repeat", "skip") if np.isfinite(z[op]).any()]
+    for op in shown:
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=OP_NAMES[op], legendgroup=op,
+            marker=dict(symbol="square", size=12, color=OP_COLORS[op]),
+        ))
+
+
 def program_grid(
     path: Sequence[int],
     num_layers: int,
@@ -173,32 +255,11 @@ def program_grid(
     heatmap, then one legend-only marker per op.
     """
     path = [int(i) for i in path]
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    for name, p in (("path", path), ("baseline_path", baseline_path or [])):
-        bad = [i for i in p if not 0 <= int(i) < num_layers]
-        if bad:
-            raise ValueError(f"{name} has layers outside 0..{num_layers - 1}: {bad[:5]}")
+    _check_paths(path, baseline_path, num_layers)
     if not path:
         return empty_figure("Empty program: no steps to show")
-
-    D = num_layers
-    S = max(len(path), len(baseline_path or []))  # width of the step axis
-    keep = np.full((D, S), np.nan)                 # (D, S); NaN = no cell, no hover
-    rep = np.full((D, S), np.nan)
-    hover = np.full((D, S), "", dtype=object)
-    visits = [0] * D
-    for k, layer in enumerate(path):
-        visits[layer] += 1
-        (keep if visits[layer] == 1 else rep)[layer, k] = 1.0
-        hover[layer, k] = f"step {k}: layer {layer} (visit {visits[layer]})"
-    skipped = [i for i in range(D) if visits[i] == 0]
-    skip = np.full((D, S), np.nan)
-    skip_hover = np.full((D, S), "", dtype=object)
-    for i in skipped:
-        skip[i, :] = 1.0
-        skip_hover[i, :] = f"layer {i}: skipped"
-
+    D, S = num_layers, max(len(path), len(baseline_path or []))  # S: width of the step axis
+    z, text = _roll_cells(path, D, S)
     fig = go.Figure()
     if baseline_path:
         fig.add_trace(go.Scatter(
@@ -206,26 +267,12 @@ def program_grid(
             mode="lines", name="full program", line=dict(color=BASELINE_COLOR, width=1, dash="dot"),
             opacity=0.6, hoverinfo="skip",
         ))
-    for op, z, text in (("skip", skip, skip_hover), ("keep", keep, hover), ("repeat", rep, hover)):
-        fig.add_trace(go.Heatmap(
-            z=z, x=list(range(S)), y=list(range(D)), text=text, name=OP_NAMES[op],
-            colorscale=[[0, OP_COLORS[op]], [1, OP_COLORS[op]]], zmin=0, zmax=1, showscale=False,
-            hoverongaps=False, hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1,
-            legendgroup=op, opacity=0.6 if op == "skip" else 1.0,
-        ))
-    # Heatmaps have no legend swatch of their own: add one marker per op shown.
-    shown = ["keep"] + (["repeat"] if np.isfinite(rep).any() else []) + (["skip"] if skipped else [])
-    for op in shown:
-        fig.add_trace(go.Scatter(
-            x=[None], y=[None], mode="markers", name=OP_NAMES[op], legendgroup=op,
-            marker=dict(symbol="square", size=12, color=OP_COLORS[op]),
-        ))
+    _roll_heatmaps(fig, z, text, D, S)
     fig.update_xaxes(range=[-0.5, S - 0.5], dtick=_int_dtick(S), showgrid=False, zeroline=False)
     fig.update_yaxes(range=[-0.5, D - 0.5], dtick=_int_dtick(D), showgrid=False, zeroline=False)
     if title is None:
-        title = f"Program: {len(path)} steps over {D} layers"
-        if skipped:
-            title += f", {len(skipped)} skipped"
+        skipped = int(np.isfinite(z["skip"][:, 0]).sum())
+        title = f"Program: {len(path)} steps" + (f", {skipped} layers skipped" if skipped else "")
     return _style(fig, title=title, height=_clamp(150 + 7 * D, 300, 450),
                   xaxis_title="step", yaxis_title="layer")
 
@@ -269,7 +316,7 @@ def similarity_heatmap(
     fig = go.Figure(go.Heatmap(
         # float32 halves the payload and is ample precision for colours.
         z=z.astype(np.float32), x=lab, y=lab, colorscale=scale, zmin=zmin, zmax=zmax,
-        colorbar=dict(title=dict(text=name), thickness=12),
+        colorbar=dict(COLORBAR, title=dict(text=name)),
         hovertemplate=f"%{{y}} vs %{{x}}<br>{name} = %{{z:.3f}}<extra></extra>",
     ))
     stride = max(1, math.ceil(S / MAX_TICKS))
@@ -278,7 +325,7 @@ def similarity_heatmap(
     # Row 0 at the top, as in a matrix; square cells.
     fig.update_yaxes(**ticks, showgrid=False, autorange="reversed", scaleanchor="x", constrain="domain")
     if title is None:
-        title = "Hidden-state " + ("angular distance" if metric == "angular" else "cosine similarity") + " between steps"
+        title = ("Angular distance" if metric == "angular" else "Similarity") + " between steps"
     return _style(fig, title=title, height=450, xaxis_title="step", yaxis_title="step")
 
 
@@ -333,8 +380,30 @@ def block_influence_bar(
         ))
     fig.update_xaxes(**_step_ticks(lab), range=[-0.6, S - 0.4])
     fig.update_layout(bargap=0.15)
-    return _style(fig, title=title or "Block influence per step: 1 − cos(h_in, h_out)", height=340,
+    return _style(fig, title=title or "Block influence per step", height=340,
                   xaxis_title="step", yaxis_title="block influence")
+
+
+def _check_lens(labels: Sequence[str], top_tokens: Sequence[Sequence[str]], probs: np.ndarray) -> None:
+    S = len(labels)
+    _check_len("top_tokens", top_tokens, S, "labels")
+    if probs.ndim != 2 or probs.shape[0] != S:
+        raise ValueError(f"top_probs must have shape (S, k) = ({S}, k), got {probs.shape}")
+    for s, row in enumerate(top_tokens):
+        if len(row) != probs.shape[1]:
+            raise ValueError(f"top_tokens[{s}] has {len(row)} tokens, expected k={probs.shape[1]} (top_probs columns)")
+
+
+def _outline_cells(fig: go.Figure, top_tokens: Sequence[Sequence[str]], token: str) -> int:
+    """A red box around every cell holding `token` (surrounding whitespace ignored); how many."""
+    want, boxes = token.strip(), 0
+    for s, row in enumerate(top_tokens):
+        for r, t in enumerate(row):
+            if t.strip() == want:
+                fig.add_shape(type="rect", x0=r + 0.5, x1=r + 1.5, y0=s - 0.5, y1=s + 0.5,
+                              line=dict(color=HIGHLIGHT_COLOR, width=2.5), layer="above")
+                boxes += 1
+    return boxes
 
 
 def logit_lens_grid(
@@ -351,56 +420,40 @@ def logit_lens_grid(
     layer grid where depth grows upwards. Cells are coloured by probability on
     a fixed [0, 1] scale so steps compare honestly; cells whose token equals
     ``highlight_token`` (ignoring surrounding whitespace) get a red outline.
-    Tokens are written in the cells when the rows are tall enough to read
-    (<= 24 steps; cut to 12 characters) and always appear in full in the hover.
+    Every cell shows its token (cut to 12 characters; whole in the hover) at
+    any depth: the figure grows LENS_ROW_PX per step (4 × 30 layers = 120
+    steps make a tall figure that the page scrolls), and every row is labelled.
 
     Args:
         labels: S step labels.
         top_tokens: S rows of k decoded tokens, best first.
         top_probs: (S, k) their probabilities.
     """
-    S = len(labels)
-    _check_len("top_tokens", top_tokens, S, "labels")
     probs = np.asarray(top_probs, dtype=float)
+    S = len(labels)
     if S == 0:
         return empty_figure("No steps to show")
-    if probs.ndim != 2 or probs.shape[0] != S:
-        raise ValueError(f"top_probs must have shape (S, k) = ({S}, k), got {probs.shape}")
-    k = probs.shape[1]
-    for s, row in enumerate(top_tokens):
-        if len(row) != k:
-            raise ValueError(f"top_tokens[{s}] has {len(row)} tokens, expected k={k} (top_probs columns)")
-
+    _check_lens(labels, top_tokens, probs)
     lab = [str(x) for x in labels]
-    # Cells hold a shortened token so long ones do not spill into neighbours;
-    # the hover always has the whole token.
+    # Cells hold a shortened token so long ones do not spill into neighbours.
     text = [[_plot_text(t, max_len=12) for t in row] for row in top_tokens]
-    hover = [[f"{lab[s]}, rank {r + 1}: {_plot_text(t)}" for r, t in enumerate(row)]
-             for s, row in enumerate(top_tokens)]
-    show_text = S <= 24  # rows below ~14 px at the 450 px cap cannot hold 10 px text
+    hover = [[f"{lab[s]}, rank {r + 1}: {_plot_text(t)}" for r, t in enumerate(row)] for s, row in enumerate(top_tokens)]
     fig = go.Figure(go.Heatmap(
-        z=probs, x=list(range(1, k + 1)), y=list(range(S)), text=text, customdata=hover,
-        texttemplate="%{text}" if show_text else None, textfont=dict(size=10),
-        colorscale="Blues", zmin=0, zmax=1, xgap=1, ygap=1,
-        colorbar=dict(title=dict(text="p"), thickness=12),
+        z=probs, x=list(range(1, probs.shape[1] + 1)), y=list(range(S)), text=text, customdata=hover,
+        # Light to mid blue, so the dark token text stays readable on the most probable cells too.
+        texttemplate="%{text}", textfont=dict(size=11, color="#1a1a1a"), zmin=0, zmax=1, xgap=1, ygap=1,
+        colorscale=[[0, "#F7FBFF"], [1, "#6BAED6"]],
+        colorbar=dict(COLORBAR, title=dict(text="p")),
         hovertemplate="%{customdata}<br>p = %{z:.3f}<extra></extra>",
     ))
-    if highlight_token is not None and highlight_token.strip():
-        want = highlight_token.strip()
-        for s, row in enumerate(top_tokens):
-            for r, t in enumerate(row):
-                if t.strip() == want:
-                    fig.add_shape(type="rect", x0=r + 0.5, x1=r + 1.5, y0=s - 0.5, y1=s + 0.5,
-                                  line=dict(color=HIGHLIGHT_COLOR, width=2.5), layer="above")
-    fig.update_xaxes(dtick=1, showgrid=False)
-    fig.update_yaxes(**_step_ticks(lab), showgrid=False)
+    outlined = bool(highlight_token and highlight_token.strip()) and _outline_cells(fig, top_tokens, highlight_token)
+    fig.update_xaxes(dtick=1, showgrid=False, side="top")
+    fig.update_yaxes(**_step_ticks(lab, max_ticks=S), showgrid=False)
     if title is None:
-        title = "Logit lens: top tokens after each step"
-        if highlight_token:
-            title += f" (answer “{_plot_text(highlight_token)}” outlined)"
-        if not show_text:
-            title += " — hover for tokens"
-    return _style(fig, title=title, height=_clamp(110 + 18 * S, 300, 450) if show_text else 450,
+        title = "Logit lens"
+        if highlight_token and highlight_token.strip():
+            title += f" · “{_plot_text(highlight_token.strip())}” " + ("outlined" if outlined else "not in any top 5")
+    return _style(fig, title=title, height=max(300, 130 + LENS_ROW_PX * S),
                   xaxis_title="rank", yaxis_title="step (first at bottom)")
 
 
@@ -455,7 +508,7 @@ def answer_probability_curve(
     if quantity == "rank":
         fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(dtick=_int_dtick(max(len(v) for _, v in series.values())))
-    return _style(fig, title=title or f"{quantity.capitalize()} of the answer token “{tok}” after each step",
+    return _style(fig, title=title or f"{quantity.capitalize()} of “{tok}” by step",
                   height=340, xaxis_title="step", yaxis_title=quantity + (" (log)" if log else ""))
 
 
@@ -487,8 +540,44 @@ def alignment_curve(labels: Sequence[str], cos_to_baseline, cos_to_final, *, tit
             hovertemplate="%{customdata}<br>cos = %{y:.3f}<extra>" + name + "</extra>",
         ))
     fig.update_xaxes(**_step_ticks(lab))
-    return _style(fig, title=title or "Edited trajectory vs the full program", height=340,
+    return _style(fig, title=title or "Alignment with the full program", height=340,
                   xaxis_title="step", yaxis_title="cosine similarity")
+
+
+def _point_name(p: Mapping) -> str:
+    name = str(p["method"])
+    return name + " (oracle)" if p.get("oracle") and "oracle" not in name.lower() else name
+
+
+def _point_labels(points: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """(text, position) per point: points at the same spot share one label
+    (their names one under another) on the first of them, so labels never
+    pile up; labels of neighbouring spots alternate above and below."""
+    spot = [(round(float(p["layer_calls"]), 1), round(100 * float(p["accuracy"]), 1)) for p in points]
+    names: dict[tuple, list[str]] = {}
+    for key, p in zip(spot, points):
+        names.setdefault(key, []).append(html.escape(_point_name(p)))
+    order = {key: i for i, key in enumerate(sorted(names))}
+    out, labelled = [], set()
+    for key in spot:
+        text = "" if key in labelled else "<br>".join(names[key])
+        labelled.add(key)
+        out.append((text, "top center" if order[key] % 2 == 0 else "bottom center"))
+    return out
+
+
+def _oracle_connectors(fig: go.Figure, points: Sequence[Mapping], color: Mapping[str, str]) -> None:
+    """Within a family, a dashed line from each deployable point to each oracle point."""
+    for fam in color:
+        members = [p for p in points if (p.get("family") or p["method"]) == fam]
+        for o in (p for p in members if p.get("oracle")):
+            for d in (p for p in members if not p.get("oracle")):
+                fig.add_trace(go.Scatter(
+                    x=[float(d["layer_calls"]), float(o["layer_calls"])],
+                    y=[100 * float(d["accuracy"]), 100 * float(o["accuracy"])],
+                    mode="lines", line=dict(color=color[fam], dash="dash", width=1),
+                    showlegend=False, hoverinfo="skip",
+                ))
 
 
 def accuracy_vs_depth(points: Sequence[Mapping]) -> go.Figure:
@@ -498,6 +587,7 @@ def accuracy_vs_depth(points: Sequence[Mapping]) -> go.Figure:
     Oracle methods (they need the ground truth, e.g. pass@k) are hollow and
     get "(oracle)" in their legend name; within a family, a dashed grey line
     joins each deployable point to its oracle, showing the gap honestly.
+    Methods at the same spot share one label (``_point_labels``).
     Traces: the dashed connectors, then one scatter per point.
     """
     if not points:
@@ -512,30 +602,17 @@ def accuracy_vs_depth(points: Sequence[Mapping]) -> go.Figure:
     families = list(dict.fromkeys(p.get("family") or p["method"] for p in points))
     color = {f: PALETTE[i % len(PALETTE)] for i, f in enumerate(families)}
     fig = go.Figure()
-    # Connectors first so the markers are drawn on top of them.
-    for fam in families:
-        members = [p for p in points if (p.get("family") or p["method"]) == fam]
-        for o in (p for p in members if p.get("oracle")):
-            for d in (p for p in members if not p.get("oracle")):
-                fig.add_trace(go.Scatter(
-                    x=[float(d["layer_calls"]), float(o["layer_calls"])],
-                    y=[100 * float(d["accuracy"]), 100 * float(o["accuracy"])],
-                    mode="lines", line=dict(color=color[fam], dash="dash", width=1),
-                    showlegend=False, hoverinfo="skip",
-                ))
-    for p in points:
-        oracle = bool(p.get("oracle", False))
-        name = str(p["method"])
-        if oracle and "oracle" not in name.lower():
-            name += " (oracle)"
-        c = color[p.get("family") or p["method"]]
+    _oracle_connectors(fig, points, color)  # first, so the markers are drawn on top of them
+    for p, (text, position) in zip(points, _point_labels(points)):
+        oracle, name = bool(p.get("oracle", False)), _point_name(p)
         fig.add_trace(go.Scatter(
             x=[float(p["layer_calls"])], y=[100 * float(p["accuracy"])], name=name,
-            mode="markers+text", text=[html.escape(name)], textposition="top center",
+            mode="markers+text" if text else "markers", text=[text], textposition=position,
             # Open symbols are stroked with marker.color, so hollow = same colour, open symbol.
-            marker=dict(size=11, color=c, symbol="circle-open" if oracle else "circle",
-                        line=dict(width=2 if oracle else 0)),
+            marker=dict(size=11, color=color[p.get("family") or p["method"]],
+                        symbol="circle-open" if oracle else "circle", line=dict(width=2 if oracle else 0)),
             hovertemplate=html.escape(name) + "<br>accuracy %{y:.1f}%<br>avg layers %{x:.2f}<extra></extra>",
         ))
-    return _style(fig, title="Accuracy vs executed layers (hollow = oracle, needs the answer)", height=400,
-                  xaxis_title="average executed layers", yaxis_title="accuracy (%)")
+    fig.update_yaxes(range=[-8, 112])  # room for labels above 100% and below 0%
+    return _style(fig, title="Accuracy vs layer calls", height=440,
+                  xaxis_title="average layer calls per token", yaxis_title="accuracy (%)")

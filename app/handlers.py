@@ -7,12 +7,15 @@ turns it into a visible warning and leaves the page as it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import html
 import importlib.resources
 import json
 import logging
 import math
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,14 +28,15 @@ from app import figures
 from app.session import InputError, Session
 from polar_core.engine.generate import Stopping, Trace, generate
 from polar_core.engine.inputs import PromptError
-from polar_core.engine.models import LoadedModel
+from polar_core.engine.models import DEFAULT_MODEL, MODEL_ALIASES, LoadedModel
 from polar_core.limits import LimitError, Limits
 from polar_core.program import DEFAULT_MAX_STEPS_PER_LAYER, Program, ProgramError
 from polar_core.study import tasks
-from polar_core.study.analysis import Analysis, analyze, decode_tokens
+from polar_core.study.analysis import Analysis, analyze, word_marks
+from polar_core.study.checker import describe_rule
 from polar_core.study.evaluate import evaluate_family as library_evaluate_family
 from polar_core.study.find import find_programs
-from polar_core.study.prompts import PromptStyle, prompt_style, shown_answer
+from polar_core.study.prompts import PromptStyle, has_chat_template, prompt_style, shown_answer
 from polar_core.study.redundancy import gromov_program, shortgpt_program
 from polar_core.study.router import CONFIG_FILE, RouterError, default_router_path, load_router, predict_programs
 from polar_core.study.suggest import suggest_programs
@@ -43,7 +47,7 @@ MAX_EXPECTED_CHARS = 200
 MAX_PROGRAM_CHARS = 2000
 MAX_NEW_TOKENS = 32  # the app's answers; $POLAR_MAX_NEW_TOKENS may lower it
 MAX_UPLOAD_BYTES = Limits().max_upload_bytes  # default; $POLAR_MAX_UPLOAD_BYTES overrides it
-GRID_HEADERS = ["layer", "run", "times", "op"]
+GRID_HEADERS = ["layer", "run", "times"]
 PROGRAM_JSON_KEYS = {"path", "num_layers", "text", "model", "prompt", "format"}
 ROUTER_ENV = "POLAR_ROUTER_DIR"  # the operator's router checkpoint folder; never a path from the page
 
@@ -87,10 +91,6 @@ def parse_program(text, num_layers: int) -> Program:
 
 
 # -------------------------------------------------------------- the grid
-def _op_label(times: int) -> str:
-    return "skip" if times == 0 else "keep" if times == 1 else f"loop ×{times}"
-
-
 def is_per_layer(program: Program) -> bool:
     """Whether the grid can express the program: layers in order, each run
     0..max times back to back (no block loops, no reordering)."""
@@ -99,9 +99,14 @@ def is_per_layer(program: Program) -> bool:
 
 
 def grid_rows(program: Program) -> tuple[list[list], str]:
-    """Rows [layer, run, times, op] for the layer grid, and a note about them."""
+    """Rows [layer, run, times] for the layer grid, and a note about them.
+
+    No op column: the piano roll beside the grid shows each layer's op, and a
+    column the server rewrites after every tick would re-render the grid
+    under the user's next click.
+    """
     counts = program.layer_counts()
-    rows = [[i, n > 0, max(n, 1), _op_label(n)] for i, n in enumerate(counts)]
+    rows = [[i, n > 0, max(n, 1)] for i, n in enumerate(counts)]
     if is_per_layer(program):
         note = "Untick **run** to skip a layer; set **times** to 2–4 to loop it in place."
     else:
@@ -134,7 +139,7 @@ def program_from_grid(rows, num_layers: int) -> Program:
         raise InputError(f"The grid has {len(rows)} rows; the model has {num_layers} layers.")
     path: list[int] = []
     for layer, row in enumerate(rows):
-        if len(row) < 3:
+        if len(row) < len(GRID_HEADERS):
             raise InputError(f"Grid row {layer} is incomplete.")
         if _cell_bool(row[1]):
             path.extend([layer] * _cell_int(row[2], layer))
@@ -166,7 +171,9 @@ class EditorView:
 
 
 def editor_view(program: Program) -> EditorView:
+    """The text form, grid rows, note (the program as read, then how to edit it) and piano roll."""
     rows, note = grid_rows(program)
+    note = f"Program `{program.format()}` · {program.layer_calls} layer calls/token. {note}"
     full = tuple(range(program.num_layers))
     roll = figures.program_grid(program.path, program.num_layers, baseline_path=None if program.is_full else full)
     return EditorView(program, program.format(), rows, note, roll)
@@ -180,6 +187,17 @@ PRESETS = {
     "early_exit": "Early exit after k layers",
     "skip": "Skip block a–b",
     "loop": "Loop block a–b × r",
+}
+
+
+# The number fields each preset reads (the page shows only these), with their labels.
+PRESET_FIELDS = {
+    "full": {},
+    "shortgpt": {"n": "n: layers to drop"},
+    "gromov": {"n": "n: block length"},
+    "early_exit": {"n": "k: layers to keep"},
+    "skip": {"a": "a: first layer", "b": "b: last layer"},
+    "loop": {"a": "a: first layer", "b": "b: last layer", "r": "r: times"},
 }
 
 
@@ -290,21 +308,53 @@ def predict(lm: LoadedModel, prompt, k: int = 5, suggestions: int = PAGE_SUGGEST
         message = f"No router loaded for this model ({why})." + (kept or " No shorter program kept the full answer: "
                                                                    "try a preset, or search for programs.")
     else:
-        message = f"Router top-{len(ranked)}: click a row to load it. Top-1 is what a deployment would run." + kept
+        message = (f"Router top-{len(ranked)}: click a row to load it. Top-1 is what a deployment would run. "
+                   "**Score**: the router's log-probability of the program (≤ 0; higher = more confident)." + kept)
     return Prediction([p for p, _, _ in entries], rows, message, [src for _, _, src in entries])
 
 
 # -------------------------------------------------------------------- run
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
+
+
+def escape_md(text: str) -> str:
+    """User text made inert in a Markdown component: HTML escaped, Markdown
+    punctuation backslashed, newlines as spaces."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What a result was computed from. Every result the page shows carries
+    one, and the page draws a result only while its editor still holds the
+    stamp's program (app/ui.py)."""
+
+    prompt: str
+    program: str  # canonical text form
+    model: str
+    expected: str = ""
+    rule: str = "exact"  # how answers were checked (polar_core.study.checker)
+
+    def markdown(self, verb: str = "Ran") -> str:
+        """One line naming the prompt (its end, where a few-shot prompt asks), program, model, expected answer."""
+        prompt = " ".join(self.prompt.split())
+        prompt = prompt if len(prompt) <= 80 else "…" + prompt[-79:]
+        program = f" · program `{self.program}`" if self.program else ""
+        expected = f" · expected “{escape_md(self.expected)}”" if self.expected else ""
+        return f"{verb} prompt “{escape_md(prompt)}”{program} · model **{escape_md(self.model)}**{expected}"
+
+
 @dataclass
 class Answer:
-    """One program's answer, its changed tokens marked, and its cost."""
+    """One program's answer, its changed words marked, and its cost."""
 
-    text: str
-    spans: list[tuple[str, str | None]]  # (token text, "changed" | None) for gr.HighlightedText
+    text: str  # as shown: decoded whole (emoji and numbers intact), cut at the stop string
+    spans: list[tuple[str, str | None]]  # (text, "changed" | "differs" | None) for gr.HighlightedText
     correct: bool | None
     steps: int
     seconds: float
     tokens: int
+    program: str = ""  # text form
 
 
 @dataclass
@@ -313,36 +363,27 @@ class RunView:
 
     full: Answer
     edited: Answer
-    summary: str  # markdown: executed layers, compute saved, timings
+    summary: str  # markdown: executed layers, compute saved, timings, the stamp
+    stamp: Stamp
+    rule_text: str = ""  # 'contains “Paris”' when an expected answer was given
     figures: dict = field(default_factory=dict)  # name -> go.Figure
     same_answer: bool = True
     analysis: Analysis | None = None
     trace: Trace | None = None  # of the edited program
 
 
-def marked_spans(lm: LoadedModel, trace, changed: Sequence[tuple[int, int]],
-                 label: str = "changed") -> list[tuple[str, str | None]]:
-    """The answer's tokens as (text, label | None) runs, cut where its shown text ends.
+def answer_heading(title: str, answer: Answer, rule_text: str = "") -> str:
+    """Markdown above an answer: which program, its cost, and its mark with the rule beside it."""
+    mark = ""
+    if answer.correct is not None:
+        mark = (" · ✓ right" if answer.correct else " · ✗ wrong") + (f" — {rule_text}" if rule_text else "")
+    return f"{title} `{answer.program}` · {answer.steps} layer calls/token{mark}"
 
-    The stop token ("\n") is among the generated ids but not in the answer
-    text, so the tokens are clipped to the length of ``trace.text``.
-    """
-    marks = [False] * len(trace.token_ids)
-    for lo, hi in changed:
-        marks[lo:hi] = [True] * (hi - lo)
-    spans: list[tuple[str, str | None]] = []
-    budget = len(trace.text.rstrip())
-    for piece, mark in zip(decode_tokens(lm, trace.token_ids), marks):
-        piece = piece[:budget]
-        budget -= len(piece)
-        if not piece:
-            break
-        tag = label if mark else None
-        if spans and spans[-1][1] == tag:
-            spans[-1] = (spans[-1][0] + piece, tag)
-        else:
-            spans.append((piece, tag))
-    return spans or [("(empty answer)", label if changed else None)]
+
+def word_spans(runs: Sequence[tuple[str, bool]], label: str = "changed") -> list[tuple[str, str | None]]:
+    """polar_core.study.analysis.word_marks runs as gr.HighlightedText spans."""
+    spans = [(text, label if changed else None) for text, changed in runs]
+    return spans or [("(empty answer)", None)]
 
 
 class Superseded(Exception):
@@ -366,7 +407,7 @@ def _generate(lm: LoadedModel, prompt: str, program: Program, drafts=(), should_
     # away: Gradio cannot interrupt a handler that is already running.
     stopping = Stopping(strings=style.stop_strings, time_limit_s=limits.request_seconds, should_stop=should_stop)
     try:
-        trace = generate(lm, [prompt], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens),
+        trace = generate(lm, [style.text(prompt)], program, max_new_tokens=min(MAX_NEW_TOKENS, limits.max_new_tokens),
                          stopping=stopping, chat=style.chat, capture="last",
                          max_prompt_tokens=limits.max_prompt_tokens, drafts=drafts,
                          on_tokens=_text_so_far(lm, style, on_text))[0]
@@ -388,18 +429,22 @@ def baseline_trace(lm: LoadedModel, session: Session, prompt: str, should_stop=N
 
 
 def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", should_stop=None,
-        on_partial=None) -> RunView:
+        on_partial=None, exact: bool = False) -> RunView:
     """Answer the prompt under the edited program and the full one; build every figure.
 
     `should_stop` (polled between tokens) turning true raises Superseded; a
     cut-short baseline is never remembered. `on_partial(which, text)` gets the
-    answers as they grow: which is "full" or "edited".
+    answers as they grow: which is "full" or "edited". Answers are checked
+    with the prompt's rule (few-shot: exact; free text: contains the
+    expected answer, or exact when `exact`).
     """
     def on_text(which: str):
         return None if on_partial is None else functools.partial(on_partial, which)
 
     prompt, expected = check_prompt(prompt), check_expected(expected)
     program = parse_program(program_text, lm.num_layers)
+    style = prompt_style(lm, prompt)
+    rule = style.answer_rule(exact)
     base = baseline_trace(lm, session, prompt, should_stop, on_text("full"))
     # Edited answers often run like the full one, or like the previous edit's,
     # for a while: checking those as drafts, several tokens per pass, decodes
@@ -408,13 +453,17 @@ def run(lm: LoadedModel, session: Session, prompt, program_text, expected="", sh
     trace = base if program.is_full else _generate(lm, prompt, program, drafts, should_stop, on_text("edited"))
     if not program.is_full:
         session.last_edit_tokens = list(trace.token_ids)
-    result = analyze(lm, trace, base, expected=expected or None, k=5)
-    diff = result.answer_diff
-    full = Answer(base.text.strip(), marked_spans(lm, base, [(s.a_start, s.a_end) for s in diff.spans], "differs"),
-                  result.baseline_expected_met, base.program.layer_calls, base.total_seconds, len(base.token_ids))
-    edited = Answer(trace.text.strip(), marked_spans(lm, trace, [(s.b_start, s.b_end) for s in diff.spans]),
-                    result.expected_met, program.layer_calls, trace.total_seconds, len(trace.token_ids))
-    view = RunView(full, edited, run_summary(base, trace), same_answer=diff.identical, analysis=result, trace=trace)
+    result = analyze(lm, trace, base, expected=expected or None, k=5, rule=rule)
+    full_text, edited_text = shown_answer(base.text, style), shown_answer(trace.text, style)
+    full_runs, edited_runs = word_marks(full_text, edited_text)
+    full = Answer(full_text, word_spans(full_runs, "differs"), result.baseline_expected_met, base.program.layer_calls,
+                  base.total_seconds, len(base.token_ids), base.program.format())
+    edited = Answer(edited_text, word_spans(edited_runs), result.expected_met, program.layer_calls,
+                    trace.total_seconds, len(trace.token_ids), program.format())
+    stamp = Stamp(prompt, program.format(), lm.name, expected, rule)
+    view = RunView(full, edited, run_summary(base, trace) + "  \n" + stamp.markdown(), stamp,
+                   describe_rule(rule, expected) if expected else "", same_answer=result.same_answer,
+                   analysis=result, trace=trace)
     view.figures = analysis_figures(result)
     return view
 
@@ -437,6 +486,43 @@ def _timing(trace) -> str:
             f"{1000 * trace.decode_seconds:.0f} ms{cut}")
 
 
+# ------------------------------------------------------------- data out
+def step_table(a: Analysis) -> pd.DataFrame:
+    """A run's per-step data, one row per step of the edited program: where it
+    runs, block influence, alignment, the lens (top-k tokens with
+    probabilities, the answer token's probability and rank), and the step's
+    row of the similarity matrix (columns "similarity_to_<label>", "emb" =
+    the embeddings). The CSV download; Analysis.step_frame plus similarities."""
+    sim = a.similarity_frame().iloc[1:]  # the embeddings' own row is its column here
+    sim.columns = [f"similarity_to_{c}" for c in sim.columns]
+    return pd.concat([a.step_frame(), sim.reset_index(drop=True)], axis=1)
+
+
+def run_record(view: RunView) -> dict:
+    """Everything a run computed, JSON-ready: its stamp, both answers and marks,
+    costs, and the data behind every chart (the page's "Raw numbers" and the
+    JSON download)."""
+    a, full, edited = view.analysis, view.full, view.edited
+    base = a.baseline_lens
+    return {
+        "stamp": dataclasses.asdict(view.stamp), "rule": view.rule_text,
+        "full_answer": full.text, "edited_answer": edited.text, "same_answer": view.same_answer,
+        "full_layers": full.steps, "edited_layers": edited.steps,
+        "full_correct": full.correct, "edited_correct": edited.correct,
+        "compute_saved": round(1 - edited.steps / full.steps, 4),
+        "edited_seconds": round(edited.seconds, 3), "full_seconds": round(full.seconds, 3),
+        "data": {
+            "steps": json.loads(step_table(a).to_json(orient="records", double_precision=6)),
+            "similarity": {"labels": a.similarity_labels, "matrix": a.similarity.numpy().round(6).tolist()},
+            "full_program": {
+                "labels": a.baseline_labels, "top_tokens": base.top_tokens,
+                "top_probs": base.top_probs.numpy().round(6).tolist(),
+                **{f"{name}_token_prob": t.prob.numpy().round(6).tolist() for name, t in base.tracks.items()},
+            },
+        },
+    }
+
+
 # --------------------------------------------------------------- analysis
 def analysis_figures(a: Analysis) -> dict:
     """The analysis figures of one run from its polar_core.study.analysis.Analysis.
@@ -445,13 +531,14 @@ def analysis_figures(a: Analysis) -> dict:
     """
     track = a.lens.tracks.get("expected") or a.lens.tracks.get("answer")
     # The answer opened with a bare space token: the lens looks one token on (polar_core.study.analysis.lens_states).
-    past_space = " (one token into the answer, past its leading space)" if a.lens_offset else ""
+    lens = figures.logit_lens_grid(
+        a.labels, [[figures.display_token(t) for t in row] for row in a.lens.top_tokens], a.lens.top_probs.numpy(),
+        highlight_token=figures.display_token(track.token) if track else None)
+    if a.lens_offset:
+        lens.update_layout(title_text=lens.layout.title.text.replace("Logit lens", "Lens, 2nd token", 1))
     figs = {
         "similarity": figures.similarity_heatmap(a.similarity.numpy(), a.similarity_labels),
-        "logit_lens": figures.logit_lens_grid(
-            a.labels, [[figures.display_token(t) for t in row] for row in a.lens.top_tokens],
-            a.lens.top_probs.numpy(), highlight_token=figures.display_token(track.token) if track else None,
-            title="Logit lens: top tokens after each step" + past_space),
+        "logit_lens": lens,
         "block_influence": figures.block_influence_bar(a.block_influence.numpy(), a.labels, a.ops),
         "alignment": figures.alignment_curve(a.labels, a.cos_to_baseline.numpy(), a.cos_to_final.numpy()),
     }
@@ -459,10 +546,10 @@ def analysis_figures(a: Analysis) -> dict:
         figs["answer_probability"] = figures.empty_figure("No answer token to follow: give an expected answer")
     else:
         series = a.answer_probability_series(track.name)
-        figs["answer_probability"] = figures.answer_probability_curve(series, token=track.token)
-        if a.lens_offset or a.baseline_lens_offset:
-            figs["answer_probability"].update_layout(
-                title_text=figs["answer_probability"].layout.title.text + ", chosen after the answer's leading space")
+        second = a.lens_offset or a.baseline_lens_offset
+        figs["answer_probability"] = figures.answer_probability_curve(
+            series, token=track.token,
+            title=f"“{html.escape(figures.display_token(track.token))}” as 2nd token, by step" if second else None)
     return figs
 
 
@@ -550,8 +637,15 @@ def model_status(lm: LoadedModel) -> str:
     params = info["parameters"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     codes = " · decoding on the GGUF codes" if lm.packing and lm.packing.packed else ""
-    return (f"**{info['name']}** · {info['family']} · {info['layers']} layers · hidden {info['hidden_size']} · "
+    line = (f"**{info['name']}** · {info['family']} · {info['layers']} layers · hidden {info['hidden_size']} · "
             f"{size} parameters · {info['device']} / {info['dtype']}{codes}")
+    if not has_chat_template(lm):
+        line += ("  \nA base model (no chat template): free-text prompts are asked as "
+                 "“Question: …⏎Answer:” and the answer ends at the line's end; few-shot prompts run as typed.")
+    entry = MODEL_ALIASES.get(lm.name)
+    if entry is not None and entry.notice:
+        line += f"  \n_{entry.notice}._"
+    return line
 
 
 # ----------------------------------------------------------------- search
@@ -566,11 +660,15 @@ class SearchView:
     programs: list[Program]
 
 
-def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", budget=100, progress=None) -> SearchView:
+def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", budget=100, progress=None,
+                    exact: bool = False) -> SearchView:
     """Find programs whose greedy answer is `expected`, shortest first, each verified by decoding.
+
+    Answers are checked as the Explore tab marks them (the prompt's rule).
 
     Args:
         progress: optional callable(fraction, message), e.g. a gr.Progress.
+        exact: check free-text answers exactly (default: they must contain `expected`).
     """
     prompt, expected = check_prompt(prompt), check_expected(expected)
     if not expected:
@@ -583,7 +681,7 @@ def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", b
         raise InputError(str(exc)) from None
     report = None if progress is None else (lambda done, total: progress(min(1.0, done / total), f"{done} programs scored"))
     try:
-        found = find_programs(lm, prompt, expected, method=method, budget=budget, progress=report)
+        found = find_programs(lm, prompt, expected, method=method, budget=budget, progress=report, exact=bool(exact))
     except PromptError as exc:
         raise InputError(str(exc)) from None
     table = pd.DataFrame(
@@ -591,8 +689,10 @@ def search_programs(lm: LoadedModel, prompt, expected, method: str = "greedy", b
          for i, (p, answer) in enumerate(zip(found.programs, found.answers))], columns=SEARCH_COLUMNS)
     full = "right" if found.full_valid else "wrong"
     message = (f"{method} search scored {found.programs_scored} programs in {found.seconds:.1f} s; the full program is "
-               f"**{full}**. {len(found.programs)} valid program(s) shown, shortest first (checked by decoding)"
-               + (": click one to load it into the editor." if found.programs else "."))
+               f"**{full}** (an answer is right when it {describe_rule(found.rule, escape_md(expected))}). "
+               f"{len(found.programs)} valid program(s) shown, shortest first (checked by decoding)"
+               + (": click one to load it into the editor." if found.programs else ".")
+               + "  \n" + Stamp(prompt, "", lm.name, expected).markdown("Searched"))
     return SearchView(table, message, found.programs)
 
 
@@ -604,7 +704,8 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
     """Router top-1 (when a router is loaded) and baselines over a task family
     (polar_core.study.evaluate.evaluate_family).
 
-    Returns (table, markdown, accuracy-vs-depth figure).
+    Returns (table, markdown report, accuracy-vs-depth figure, the table's
+    notes as markdown: which depth the static baselines ran at, and why).
     """
     if family not in FAMILIES:
         raise InputError(f"Unknown task family {str(family)[:30]!r}; choose one of {', '.join(FAMILIES)}.")
@@ -617,19 +718,38 @@ def evaluate_family(lm: LoadedModel, family, n_items=20, drop=6):
                           "layer calls/token": df["layer_calls"].map("{:.2f}".format),
                           "oracle": df["oracle"].map({True: "yes", False: ""}), "note": df["note"]},
                          columns=EVAL_COLUMNS)
-    return shown, table.to_markdown(), figures.accuracy_vs_depth(table.points())
+    notes = "\n".join([f"- Model **{escape_md(lm.name)}**, {escape_md(table.title)}."]
+                      + [f"- {note}" for note in table.notes])
+    return shown, table.to_markdown(), figures.accuracy_vs_depth(table.points()), notes
 
 
 # ------------------------------------------------------------------ learn
-LEARN_FILE = Path(str(importlib.resources.files("app"))) / "learn_examples.json"
+LEARN_DIR = Path(str(importlib.resources.files("app"))) / "learn"
 
 
-def learn_examples(path=None) -> list[dict]:
-    """The curated tour (written by `python -m app.curate_examples`); [] when absent."""
-    path = path or LEARN_FILE
+def learn_file(model: str) -> Path:
+    """Where a model's lessons are kept (`python -m app.curate_examples --model M --out ...`)."""
+    return LEARN_DIR / f"{model}.json"
+
+
+def lesson_models() -> list[str]:
+    """The models with curated lessons, the default first."""
+    return sorted((p.stem for p in LEARN_DIR.glob("*.json")), key=lambda m: (m != DEFAULT_MODEL, m))
+
+
+def learn_examples(model: str = DEFAULT_MODEL, path=None) -> list[dict]:
+    """A model's curated tour (written by `python -m app.curate_examples`); [] when absent."""
+    path = path or learn_file(model)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return []
     keys = ("title", "explanation", "prompt", "expected", "program")
     return [ex for ex in data.get("examples", []) if all(isinstance(ex.get(k), str) for k in keys)]
+
+
+def lesson_card(ex: dict, number: int) -> str:
+    """The card a loaded lesson keeps beside the results: title, explanation, what to look at."""
+    look = f"\n\n**Look at:** {ex['look']}" if isinstance(ex.get("look"), str) else ""
+    return (f"#### Lesson {number}: {ex['title']}\n{ex['explanation']}{look}\n\n"
+            f"Program `{ex['program']}` · expected answer **{ex['expected']}**")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from polar_core.engine.adapter import UnsupportedModelError
 from polar_core.engine.generate import Trace
-from polar_core.engine.models import DEFAULT_MODEL, LoadedModel, load_model
+from polar_core.engine.models import DEFAULT_MODEL, LoadedModel, installed_models, load_model
 
 MODELS_ENV = "POLAR_MODELS"  # comma-separated allow-list of model specs
 ANY_MODEL_ENV = "POLAR_ALLOW_ANY_MODEL"  # "1": any hub id may be typed in
@@ -27,10 +27,10 @@ class InputError(ValueError):
 
 
 def allowed_models() -> list[str]:
-    """The allow-list from $POLAR_MODELS (default: just the embedded default model)."""
+    """The allow-list from $POLAR_MODELS (default: the embedded models installed here, SmolLM2 first)."""
     raw = os.environ.get(MODELS_ENV, "")
     specs = [s.strip() for s in raw.split(",") if s.strip()]
-    return list(dict.fromkeys(specs)) or [DEFAULT_MODEL]
+    return list(dict.fromkeys(specs)) or installed_models() or [DEFAULT_MODEL]
 
 
 def any_model_allowed() -> bool:
@@ -78,12 +78,17 @@ def get_model(spec: str | None) -> LoadedModel:
 @dataclass
 class Session:
     """Per-user memory: the full-program trace of the last prompt, so an edit
-    reruns only the edited program (half the work of rerunning both), and the
-    last edit's answer on it, a draft for the next edit (edits come in small steps)."""
+    reruns only the edited program (half the work of rerunning both), the
+    last edit's answer on it, a draft for the next edit (edits come in small
+    steps), and what the page shows."""
 
     baseline_key: tuple | None = None
     baseline: Trace | None = None
     last_edit_tokens: list[int] = field(default_factory=list)
+    # What the page shows now: (what it was run from, the outputs it drew). A
+    # second auto-run of the same thing (two edits of a burst that both end on
+    # the last program) redraws these instead of running and flickering again.
+    shown: tuple | None = None
 
     def cached_baseline(self, key: tuple):
         return self.baseline if self.baseline_key == key else None
@@ -93,29 +98,49 @@ class Session:
 
 
 class RunTickets:
-    """Which run of each browser session is the latest.
+    """Which run of each browser page may draw: the latest, of the program its editor holds.
 
-    Every run takes a ticket; a newer run of the same session (an edit with
-    auto-run on, another click) makes the older one's `should_stop` true, so
-    a stale generation stops at its next token instead of holding a model
-    slot for seconds. Only counters live here, keyed by Gradio's session
-    hash; the oldest sessions are forgotten past `capacity`.
+    An editor change records the page's program (`edited`) and stops the
+    run in progress. A run of the page (`start`) takes a ticket; it stops
+    (its `should_stop` turns true, so a stale generation ends at its next
+    token instead of holding a model slot for seconds, and its result is
+    never drawn) once a newer run of the page starts or the editor holds
+    another program. A run that starts with a program the editor no longer
+    holds gets no ticket at all: it must not stop the newer one. Only small
+    values live here, keyed by Gradio's session hash; the oldest pages are
+    forgotten past `capacity`. API calls (`/run` from gradio_client) take no
+    ticket: concurrent jobs of one client each get their whole answer.
     """
 
     def __init__(self, capacity: int = 4096):
-        self._latest: OrderedDict[str, int] = OrderedDict()
+        self._latest: OrderedDict[str, tuple[int, str | None]] = OrderedDict()  # page -> (ticket, program)
         self._lock = threading.Lock()
         self.capacity = capacity
 
-    def issue(self, session_key: str) -> Callable[[], bool]:
-        """A new latest run for the session; returns its should_stop."""
+    def _set(self, page: str, program: str | None) -> int:
+        ticket = self._latest.get(page, (0, None))[0] + 1
+        self._latest[page] = (ticket, program)
+        self._latest.move_to_end(page)
+        while len(self._latest) > self.capacity:
+            self._latest.popitem(last=False)
+        return ticket
+
+    def edited(self, page: str | None, program: str) -> None:
+        """The page's editor now holds `program` (canonical text): what runs now is stale."""
+        if page:
+            with self._lock:
+                self._set(page, program)
+
+    def start(self, page: str, program: str, *, claim: bool = False) -> Callable[[], bool] | None:
+        """A run of `program` on the page: its should_stop, or None when the
+        editor already holds another program. `claim`: the user asked for
+        this run (Run, a lesson), so its program becomes the page's."""
         with self._lock:
-            ticket = self._latest.get(session_key, 0) + 1
-            self._latest[session_key] = ticket
-            self._latest.move_to_end(session_key)
-            while len(self._latest) > self.capacity:
-                self._latest.popitem(last=False)
-        return lambda: self._latest.get(session_key) != ticket
+            held = self._latest.get(page, (0, None))[1]
+            if not claim and held is not None and held != program:
+                return None
+            ticket = self._set(page, program if claim else held)
+        return lambda: self._latest.get(page, (None, None))[0] != ticket
 
 
 RUN_TICKETS = RunTickets()

@@ -1,15 +1,26 @@
 """The page: layout and event wiring. Logic lives in `app/handlers.py`.
 
-Every event has an `api_name`, so whatever the page does a `gradio_client`
-can do too. Handlers raise `InputError` for bad input; `_guard` turns it into
-a `gr.Error` toast (an API client gets it as an error). Each event shows its
-progress and errors on one component (`show_progress_on`), so a bad edit
-never blanks the grid, the plots or the answers.
+Every action has an `api_name`, so whatever the page does a `gradio_client`
+can do too (a row pick takes the row's index). Handlers raise `InputError`
+for bad input; `_guard` turns it into a `gr.Error` toast (an API client gets
+it as an error). Each event shows its progress on one component
+(`show_progress_on`), so a bad edit never blanks the grid, plots or answers.
+
+What the page shows is always what the editor holds. Every result carries
+its stamp (prompt, program, model) in its headings. An edit stops the run in
+progress (`RUN_TICKETS.edited`), says "running `<program>`…" at once, and its
+own run follows: editor events and the runs after them are `always_last`
+(an edit made while one is pending is deferred, never dropped: Gradio's
+default for chained events drops it), and a run whose page moved on draws
+nothing. The API's `/run` is a separate endpoint without tickets, so
+concurrent jobs of one client each get their whole answer.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import logging
 import queue
 import tempfile
@@ -18,9 +29,12 @@ import time
 from pathlib import Path
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
+from app import figures
 from app import handlers as H
 from app.session import RUN_TICKETS, InputError, Session, allowed_models, any_model_allowed, default_model, get_model
+from polar_core.engine.models import DEFAULT_MODEL
 from polar_core.limits import Limits
 from polar_core.study.tasks import FAMILIES
 
@@ -34,20 +48,26 @@ except ImportError:  # everywhere else: run as is
 
 log = logging.getLogger(__name__)
 
-RUN_OUTPUTS = 12  # what on_run returns (the session state included)
+PLOTS = ("similarity", "logit_lens", "answer_probability", "block_influence", "alignment")
+RUN_OUTPUTS = 14  # what a run returns besides the session state (see _run_outputs)
 STREAM_SECONDS = 0.15  # at most one partial answer update per this many seconds
 CONCURRENCY = 2  # model calls at once; a 2-core CPU gains nothing from more
 EXAMPLES = H.example_prompts()
 EXAMPLE_LABELS = [label for label, _, _ in EXAMPLES]
+FILES = Path(tempfile.gettempdir()) / "polar-explorer"  # downloads the server writes, under names it makes
 
 CSS = """
 .gradio-container {max-width: 1400px !important}
 #title h1 {margin-bottom: 0}
 #status {font-size: 0.92em; opacity: 0.9}
 .answer-head p {margin: 0 !important; font-weight: 600}
+.caption p, #labels-note p {font-size: 0.9em; opacity: 0.85; margin: 2px 0 !important}
 #grid-note {font-size: 0.9em}
-.learn-card {padding: 4px 14px 0 14px}
+#lesson {border-left: 4px solid var(--color-accent); padding: 2px 12px}
 #summary {background: var(--block-background-fill); border-radius: 8px; padding: 6px 12px}
+#grid .table-wrap, #grid .table-container {max-height: none !important}
+#grid td, #grid th {padding-top: 1px !important; padding-bottom: 1px !important}
+@media (max-width: 640px) { #roll {min-width: 0 !important} }
 """
 
 # Writes the view into the address bar, so that a copied link reproduces it.
@@ -59,6 +79,33 @@ URL_JS = """
   window.history.replaceState(null, "", url.toString());
 }
 """
+
+# Copies the page's address (kept current by URL_JS) and says so on the button.
+COPY_JS = """
+() => {
+  const url = window.location.href;
+  const done = () => {
+    const b = document.querySelector('#copy-link');
+    if (b) { const old = b.innerText; b.innerText = '✓ Link copied'; setTimeout(() => { b.innerText = old; }, 1500); }
+  };
+  if (navigator.clipboard && window.isSecureContext) { navigator.clipboard.writeText(url).then(done, done); return; }
+  const t = document.createElement('textarea'); t.value = url; document.body.appendChild(t); t.select();
+  try { document.execCommand('copy'); } catch (e) {} document.body.removeChild(t); done();
+}
+"""
+
+# Right after an edit, before the server has run it: the edited answer's
+# heading names the new program, and no answer of another program is shown.
+PENDING_JS = """
+(auto, program) => [
+  "Edited program `" + program + "` · " + (auto ? "running…" : "not run yet: press **Run**"),
+  [{token: auto ? "…" : "(press Run)", class_or_confidence: null}],
+]
+"""
+
+
+# A loaded lesson: scroll to the top of the Explore tab, where its card sits beside the prompt, above the answers.
+SCROLL_JS = "() => { const t = document.querySelector('#main-tabs'); if (t) t.scrollIntoView({block: 'start'}); }"
 
 
 def launch_kwargs() -> dict:
@@ -90,83 +137,145 @@ def _guard(fn):
     return wrapper
 
 
+def _page(request) -> str | None:
+    """The browser page (Gradio session) a request came from."""
+    return getattr(request, "session_hash", None)
+
+
 # ------------------------------------------------------------- callbacks
-def _editor_outputs(program) -> tuple:
-    """(text, grid rows, grid note, piano roll, download file) for a program."""
+def _editor_outputs(program, request=None, keep=()) -> tuple:
+    """(text, grid rows, grid note, piano roll, download file) for a program.
+
+    An editor output is an edit: whatever the page is running is stale now.
+    `keep` names views ("text", "grid") left as the user left them: writing
+    a value back into the box being edited replaces what the user did in the
+    meantime (the next edit of a burst, a click on the re-rendered grid).
+    """
+    RUN_TICKETS.edited(_page(request), program.format())
     view = H.editor_view(program)
-    return view.text, view.rows, view.note, view.roll, _download_file(program)
+    return (gr.skip() if "text" in keep else view.text, gr.skip() if "grid" in keep else view.rows,
+            view.note, view.roll, _program_file(program))
 
 
-def _download_file(program) -> str:
-    """A JSON file of the program for the download button (written by us, never a user path)."""
-    folder = Path(tempfile.gettempdir()) / "polar-explorer-programs"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"program-{abs(hash((program.path, program.num_layers))):x}.json"
-    path.write_text(H.program_json(program.format(), program.num_layers), encoding="utf-8")
+def _write(name: str, text: str) -> str:
+    """A file for a download button, written by us under a name we make (never a user path)."""
+    FILES.mkdir(exist_ok=True)
+    path = FILES / name
+    path.write_text(text, encoding="utf-8")
     return str(path)
 
 
+def _digest(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def _program_file(program) -> str:
+    return _write(f"program-{_digest(program.path, program.num_layers)}.json",
+                  H.program_json(program.format(), program.num_layers))
+
+
 @_guard
-def on_model(model):
+def on_model(model, request: gr.Request = None):
     lm = get_model(model)
-    return (H.model_status(lm), *_editor_outputs(H.Program.full(lm.num_layers)))
+    return (H.model_status(lm), *_editor_outputs(H.Program.full(lm.num_layers), request))
 
 
 @_guard
-def on_text(text, model):
-    return _editor_outputs(H.parse_program(text, get_model(model).num_layers))
+def on_text(text, model, request: gr.Request = None):
+    """The program typed as text, all views (the API's /set_program_text)."""
+    return _editor_outputs(H.parse_program(text, get_model(model).num_layers), request)
 
 
 @_guard
-def on_grid(rows, model):
-    return _editor_outputs(H.program_from_grid(rows, get_model(model).num_layers))
+def on_text_page(text, model, request: gr.Request = None):
+    """The page's Enter in the text form: the other views follow, the box keeps what the user typed."""
+    return _editor_outputs(H.parse_program(text, get_model(model).num_layers), request, keep=("text",))
 
 
 @_guard
-def on_preset(preset, n, a, b, r, model):
-    return _editor_outputs(H.preset_program(get_model(model), preset, n, a, b, r))
+def on_grid(rows, text, model, request: gr.Request = None):
+    """The program the grid describes, all views (the API's /set_program_grid)."""
+    return _grid(rows, text, model, request, keep=())
 
 
 @_guard
-def on_upload(data, model):
-    return _editor_outputs(H.program_from_upload(data, get_model(model).num_layers))
+def on_grid_page(rows, text, model, request: gr.Request = None):
+    """A tick in the page's grid: the other views follow; a valid grid is not
+    written back (that re-renders it under the user's next click, which is
+    then lost)."""
+    return _grid(rows, text, model, request, keep=("grid",))
+
+
+def _grid(rows, text, model, request, keep):
+    """An invalid cell is reset to the program the text form holds, with a
+    warning, so no wrong value and no error badge stay behind."""
+    lm = get_model(model)
+    try:
+        return _editor_outputs(H.program_from_grid(rows, lm.num_layers), request, keep)
+    except InputError as exc:
+        gr.Warning(f"{exc} The grid shows the program again.")
+        return _editor_outputs(H.parse_program(text, lm.num_layers), request)
+
+
+@_guard
+def on_preset(preset, n, a, b, r, model, request: gr.Request = None):
+    return _editor_outputs(H.preset_program(get_model(model), preset, n, a, b, r), request)
+
+
+def on_preset_choice(preset):
+    """Show only the number fields the chosen preset reads, labelled for it."""
+    used = H.PRESET_FIELDS.get(preset, {})
+    return tuple(gr.update(visible=key in used, label=used.get(key)) for key in ("n", "a", "b", "r"))
+
+
+@_guard
+def on_upload(data, model, request: gr.Request = None):
+    return _editor_outputs(H.program_from_upload(data, get_model(model).num_layers), request)
 
 
 @_guard
 def on_example(label):
     for name, prompt, expected in EXAMPLES:
         if name == label:
-            return prompt, expected
+            return prompt, expected, gr.update(value="", visible=False)
     raise InputError(f"Unknown example {str(label)[:40]!r}.")
 
 
 @_guard
 @gpu
-def on_predict(prompt, model):
+def on_predict(prompt, model, request: gr.Request = None):
     lm = get_model(model)
     pred = H.predict(lm, prompt)
     program = pred.programs[0] if pred.programs else H.Program.full(lm.num_layers)
     if not pred.programs:
         gr.Info(pred.message)
-    return (pred.rows, pred.message, *_editor_outputs(program))
+    return (pred.rows, pred.message, *_editor_outputs(program, request))
+
+
+def clicked_row(evt: gr.SelectData):
+    """The row index of a click in a table (the page's half of a row pick)."""
+    return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
 
 
 @_guard
-def on_pick_row(table, model, evt: gr.SelectData):
-    """Load the program in the clicked row of a ranked table (column 1 holds its text)."""
+def on_pick_row(table, row, model, request: gr.Request = None):
+    """Load the program in row `row` (0-based) of a ranked table; column 1 holds its text."""
     rows = H.table_rows(table)
-    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    try:
+        row = int(row)
+    except (TypeError, ValueError):
+        raise InputError(f"Pick a row by its index, got {str(row)[:20]!r}.") from None
     if not rows or not 0 <= row < len(rows):
-        raise InputError("Click a row with a program.")
-    return _editor_outputs(H.parse_program(str(rows[row][1]), get_model(model).num_layers))
+        raise InputError(f"Pick a row with a program: the table has {len(rows)} row(s), got row {row}.")
+    return _editor_outputs(H.parse_program(str(rows[row][1]), get_model(model).num_layers), request)
 
 
 @_guard
 @gpu
-def on_search(prompt, expected, method, budget, model, progress=gr.Progress()):
+def on_search(prompt, expected, method, budget, model, exact=False, progress=gr.Progress()):
     progress(0, desc="searching")
     view = H.search_programs(get_model(model), prompt, expected, method, budget,
-                             progress=lambda frac, msg: progress(frac, desc=msg))
+                             progress=lambda frac, msg: progress(frac, desc=msg), exact=exact)
     return view.table, view.message
 
 
@@ -176,44 +285,63 @@ def on_evaluate(family, n_items, drop, model, progress=gr.Progress(track_tqdm=Tr
     return H.evaluate_family(get_model(model), family, n_items, drop)
 
 
+def _lesson(lesson_model: str, index) -> tuple[int, dict]:
+    examples = H.learn_examples(lesson_model)
+    try:
+        index = int(index)
+    except (TypeError, ValueError):
+        raise InputError(f"There is no lesson {str(index)[:20]!r}.") from None
+    if not 0 <= index < len(examples):
+        raise InputError(f"There is no lesson {index + 1}.")
+    return index, examples[index]
+
+
 @_guard
-def on_learn(index, model):
-    """Load curated example `index` into the page: prompt, expected answer, program."""
-    examples = H.learn_examples()
-    if not 0 <= int(index) < len(examples):
-        raise InputError(f"There is no example {index}.")
-    ex = examples[int(index)]
-    program = H.parse_program(ex["program"], get_model(model).num_layers)
-    return (ex["prompt"], ex["expected"], *_editor_outputs(program), gr.Tabs(selected="explore"))
+def on_learn(lesson_model: str, index, request: gr.Request = None):
+    """Load lesson `index` of `lesson_model` into the Explore tab: the model, prompt, expected
+    answer, program, and its card."""
+    index, ex = _lesson(lesson_model, index)
+    lm = get_model(lesson_model)
+    program = H.parse_program(ex["program"], lm.num_layers)
+    return (lesson_model, H.model_status(lm), ex["prompt"], ex["expected"], *_editor_outputs(program, request),
+            gr.update(value=H.lesson_card(ex, index + 1), visible=True), gr.Tabs(selected="explore"))
 
 
-def _verdict(title: str, answer: H.Answer) -> str:
-    mark = "" if answer.correct is None else (" · ✓ right" if answer.correct else " · ✗ wrong")
-    return f"{title} · {answer.steps} layer calls/token{mark}"
+# -------------------------------------------------------------------- runs
+def _plot(fig, name: str) -> PlotData:
+    """A figure for gr.Plot with Plotly's options (PNG download, toolbar) in its JSON."""
+    plot = fig.to_json()
+    return PlotData(type="plotly", plot=plot[:-1] + ', "config": ' + json.dumps(figures.plot_config(name)) + "}")
+
+
+def _run_files(view: H.RunView) -> tuple[str, str, dict]:
+    """The run's per-step CSV and JSON files, and the JSON record itself."""
+    record = H.run_record(view)
+    key = _digest(view.stamp, view.edited.text)
+    csv = _write(f"run-{key}.csv", H.step_table(view.analysis).to_csv(index=False))
+    return csv, _write(f"run-{key}.json", json.dumps(record, indent=1, ensure_ascii=False)), record
 
 
 def _run_outputs(view: H.RunView, session: Session) -> tuple:
-    """Everything a finished run shows, in run_out order."""
-    f = view.figures
-    details = {
-        "full_answer": view.full.text, "edited_answer": view.edited.text, "same_answer": view.same_answer,
-        "full_layers": view.full.steps, "edited_layers": view.edited.steps,
-        "full_correct": view.full.correct, "edited_correct": view.edited.correct,
-        "compute_saved": round(1 - view.edited.steps / view.full.steps, 4),
-        "edited_seconds": round(view.edited.seconds, 3), "full_seconds": round(view.full.seconds, 3),
-    }
-    return (_verdict("Full program", view.full), view.full.spans, _verdict("Edited program", view.edited),
-            view.edited.spans, view.summary, f["similarity"], f["logit_lens"], f["answer_probability"],
-            f["block_influence"], f["alignment"], details, session)
+    """Everything a finished run shows, in run_out order (the session state last)."""
+    csv, data, record = _run_files(view)
+    charts = f"Charts of program `{view.stamp.program}` on this prompt ({view.edited.steps} steps)."
+    return (H.answer_heading("Full program", view.full, view.rule_text), view.full.spans,
+            H.answer_heading("Edited program", view.edited, view.rule_text), view.edited.spans,
+            view.summary, charts, *(_plot(view.figures[name], name) for name in PLOTS),
+            csv, data, record, session)
 
 
-def _partial_outputs(answers: dict[str, str]) -> tuple:
-    """The answers generated so far ({"full": ..., "edited": ...}); everything else unchanged."""
-    out = [gr.skip() for _ in range(RUN_OUTPUTS)]
-    for which, title, column in (("full", "Full program", 0), ("edited", "Edited program", 2)):
-        if which in answers:
-            out[column] = f"{title} · generating…"
-            out[column + 1] = [(answers[which] or "…", None)]
+def _pending_outputs(program_text: str, answers: dict[str, str] | None = None) -> tuple:
+    """While a run goes: headings say what runs, answers show as they grow; charts stay, marked as old."""
+    out = [gr.skip() for _ in range(RUN_OUTPUTS + 1)]
+    shown = " ".join(str(program_text).split())[: H.MAX_PROGRAM_CHARS]
+    for which, title, column in (("full", "Full program", 0), ("edited", f"Edited program `{shown}`", 2)):
+        if answers is None or which in answers:
+            out[column] = f"{title} · " + ("running…" if answers is None else "generating…")
+            out[column + 1] = [((answers or {}).get(which) or "…", None)]
+    if answers is None:
+        out[5] = f"Charts below are of the previous run; running `{shown}`…"
     return tuple(out)
 
 
@@ -222,12 +350,14 @@ def _run_model(*args, **kwargs) -> H.RunView:
     return H.run(*args, **kwargs)
 
 
-@_guard
-def on_run(prompt, program_text, expected, model, session, request: gr.Request = None):
-    """Run the edited and the full program, streaming the answers as they grow, then everything."""
+def _stream_run(prompt, program_text, expected, exact, model, session, should_stop, on_final=None):
+    """Run the edited and the full program, streaming the answers as they grow, then everything.
+
+    Yields run_out tuples; ends with nothing drawn (all skips) when
+    `should_stop` turned true (the page moved on). `on_final` gets the
+    finished outputs before they are sent.
+    """
     session = session if isinstance(session, Session) else Session()
-    key = getattr(request, "session_hash", None)
-    superseded = RUN_TICKETS.issue(key) if key else (lambda: False)  # a newer run of this page stops this one
     closed = threading.Event()  # Gradio closed this generator: the client left or the event was cancelled
     lm = get_model(model)
     updates: queue.SimpleQueue = queue.SimpleQueue()
@@ -236,8 +366,8 @@ def on_run(prompt, program_text, expected, model, session, request: gr.Request =
     def work():  # the model runs here; the generator below only relays what it reports
         try:
             outcome["view"] = _run_model(lm, session, prompt, program_text, expected,
-                                         lambda: closed.is_set() or superseded(),
-                                         lambda which, text: updates.put((which, text)))
+                                         lambda: closed.is_set() or should_stop(),
+                                         lambda which, text: updates.put((which, text)), exact=bool(exact))
         except BaseException as exc:  # re-raised below, in the request's own thread
             outcome["error"] = exc
         finally:
@@ -251,30 +381,65 @@ def on_run(prompt, program_text, expected, model, session, request: gr.Request =
             answers[item[0]] = item[1]
             if time.monotonic() - sent >= STREAM_SECONDS:  # enough to look live, few enough messages
                 sent = time.monotonic()
-                yield _partial_outputs(answers)
+                yield _pending_outputs(program_text, answers)
     finally:
         closed.set()  # stops the model at its next token if we leave before it finished
     error = outcome.get("error")
-    if isinstance(error, H.Superseded):
-        yield tuple(gr.skip() for _ in range(RUN_OUTPUTS))
+    if isinstance(error, H.Superseded) or (error is None and should_stop()):
+        yield tuple(gr.skip() for _ in range(RUN_OUTPUTS + 1))  # stale: the newer run draws
         return
     if error is not None:
         raise error
-    yield _run_outputs(outcome["view"], session)
+    outputs = _run_outputs(outcome["view"], session)
+    if on_final is not None:
+        on_final(outputs)
+    yield outputs
 
 
 @_guard
-def run_if_auto(auto, prompt, program_text, expected, model, session, request: gr.Request = None):
-    """Rerun after an edit when auto-run is on (and a prompt is there)."""
+def api_run(prompt, program_text, expected, model, exact=False, session=None):
+    """`/run` for API clients: one complete answer per call, whatever else the client runs."""
+    yield from _stream_run(prompt, program_text, expected, exact, model, session, lambda: False)
+
+
+@_guard
+def page_run(auto, prompt, program_text, expected, exact, model, session, request: gr.Request = None,
+             claim: bool = False):
+    """The page's run after an edit (when auto-run is on): says what it runs
+    at once, and stops, drawing nothing, when a newer edit or run of the page
+    comes (RunTickets). `claim`: the user asked for it (Run), so its program
+    is the page's even if typed without Enter."""
     if not auto or not (prompt or "").strip():
-        yield tuple(gr.skip() for _ in range(RUN_OUTPUTS))
+        yield tuple(gr.skip() for _ in range(RUN_OUTPUTS + 1))
         return
-    yield from on_run(prompt, program_text, expected, model, session, request)
+    page = _page(request)
+    session = session if isinstance(session, Session) else Session()
+    program = H.parse_program(program_text, get_model(model).num_layers).format()
+    key = (prompt, program, H.check_expected(expected), bool(exact), model)
+    should_stop = RUN_TICKETS.start(page, program, claim=claim) if page else (lambda: False)
+    if should_stop is None:  # the editor moved on before this run began: its own run follows
+        yield tuple(gr.skip() for _ in range(RUN_OUTPUTS + 1))
+        return
+    if not claim and session.shown is not None and session.shown[0] == key:
+        yield (*session.shown[1], session)  # already drawn: show it again, nothing to run
+        return
+
+    def remember(outputs):
+        session.shown = (key, outputs[:-1])
+
+    yield _pending_outputs(program)
+    yield from _stream_run(prompt, program, expected, exact, model, session, should_stop, remember)
+
+
+def run_now(prompt, program_text, expected, exact, model, session, request: gr.Request = None):
+    """Run, a lesson, a new expected answer: a page run whether or not auto-run is on."""
+    yield from page_run(True, prompt, program_text, expected, exact, model, session, request, claim=True)
 
 
 @_guard
 def on_load(session, request: gr.Request):
-    """Restore prompt, expected answer, program and model from the page URL."""
+    """Restore prompt, expected answer, program and model from the page URL;
+    without a prompt there, open on lesson 1 (loaded, then run)."""
     state = H.decode_url_state(dict(request.query_params) if request else {})
     model = state.get("model") or default_model()
     try:
@@ -282,84 +447,101 @@ def on_load(session, request: gr.Request):
     except InputError as exc:
         gr.Warning(f"{exc} Using {default_model()}.")
         model, lm = default_model(), get_model(default_model())
+    card = gr.update(value="", visible=False)
+    lessons = H.learn_examples(model)
+    if "prompt" not in state and lessons:
+        state = {"prompt": lessons[0]["prompt"], "expected": lessons[0]["expected"], "program": lessons[0]["program"]}
+        card = gr.update(value=H.lesson_card(lessons[0], 1), visible=True)
     try:
         program = H.parse_program(state.get("program", "full"), lm.num_layers)
     except InputError as exc:
         gr.Warning(f"The link's program was ignored: {exc}")
         program = H.Program.full(lm.num_layers)
-    return (model, state.get("prompt", ""), state.get("expected", ""), H.model_status(lm),
-            *_editor_outputs(program), session if isinstance(session, Session) else Session())
+    return (model, state.get("prompt", ""), state.get("expected", ""), H.model_status(lm), card,
+            *_editor_outputs(program, request), session if isinstance(session, Session) else Session())
 
 
 # ----------------------------------------------------------------- layout
 def _model_row():
     with gr.Row(equal_height=True):
-        model = gr.Dropdown(allowed_models(), value=default_model(), label="Model", scale=2,
-                            allow_custom_value=any_model_allowed())
-        status = gr.Markdown("Loading the model…", elem_id="status")
+        with gr.Column(scale=2, min_width=240):
+            model = gr.Dropdown(allowed_models(), value=default_model(), label="Model",
+                                allow_custom_value=any_model_allowed())
+        with gr.Column(scale=3, min_width=300):
+            status = gr.Markdown("Loading the model…", elem_id="status")
     return model, status
 
 
 def _prompt_column():
-    with gr.Column(scale=5):
+    with gr.Column(scale=5, min_width=300):
         example = gr.Dropdown(EXAMPLE_LABELS, value=None, label="Examples (few-shot task items, or free text)")
-        prompt = gr.Textbox(label="Prompt", lines=5, max_lines=12, elem_id="prompt",
+        prompt = gr.Textbox(label="Prompt", lines=4, max_lines=12, elem_id="prompt",
                             placeholder="Ask anything, or pick an example. Few-shot prompts end with 'A:'.")
-        expected = gr.Textbox(label="Expected answer (optional: marks answers right or wrong)", elem_id="expected")
+        with gr.Row(equal_height=True):
+            expected = gr.Textbox(label="Expected answer (optional: marks answers ✓/✗; Enter to re-mark)",
+                                  elem_id="expected", scale=4, min_width=200)
+            exact = gr.Checkbox(False, label="exact match", info="free text: the answer must be it, not contain it",
+                                elem_id="exact", scale=2, min_width=200)
         with gr.Row():
-            predict = gr.Button("Predict program", elem_id="predict")
-            run = gr.Button("Run", variant="primary", elem_id="run")
-            auto = gr.Checkbox(True, label="auto-run after each edit", elem_id="auto")
-    return example, prompt, expected, predict, run, auto
+            predict = gr.Button("Predict program", elem_id="predict", min_width=120)
+            run = gr.Button("Run", variant="primary", elem_id="run", min_width=80)
+            auto = gr.Checkbox(True, label="auto-run after each edit", elem_id="auto", min_width=120)
+            copy = gr.Button("Copy link", elem_id="copy-link", size="sm", min_width=100)
+    return example, prompt, expected, exact, predict, run, auto, copy
 
 
-def _predict_column():
-    with gr.Column(scale=4):
+def _side_column():
+    """The loaded lesson's card (hidden when none is loaded), the router's ranking and the suggestions."""
+    with gr.Column(scale=4, min_width=300):
+        lesson = gr.Markdown(visible=False, elem_id="lesson")
         gr.Markdown("#### Router's ranked programs, then suggestions")
         table = gr.Dataframe(headers=H.PREDICT_COLUMNS, datatype=["number", "str", "number", "number", "str"],
                              interactive=False, type="array", max_height=220, elem_id="predictions")
-        message = gr.Markdown("Press **Predict program** to ask the router; programs marked *suggested* need no "
-                              "router and are verified to keep the full program's answer.")
-    return table, message
+        message = gr.Markdown("Press **Predict program** to ask the router; its score is the log-probability it "
+                              "gives a program (≤ 0, higher = more confident). Programs marked *suggested* need no "
+                              "router and are verified to keep the full program's answer.", elem_id="predict-message")
+    return lesson, table, message
 
 
 def _editor():
     gr.Markdown("### Program editor")
     with gr.Row(equal_height=True):
-        preset = gr.Dropdown([(label, key) for key, label in H.PRESETS.items()],
-                             value="full", label="Preset", scale=3)
-        n = gr.Number(4, label="n / k", precision=0, minimum=1, scale=1)
-        a = gr.Number(20, label="a", precision=0, minimum=0, scale=1)
-        b = gr.Number(29, label="b", precision=0, minimum=0, scale=1)
-        r = gr.Number(2, label="× r", precision=0, minimum=1, scale=1)
-        apply = gr.Button("Apply preset", scale=1, elem_id="apply-preset")
+        preset = gr.Dropdown([(label, key) for key, label in H.PRESETS.items()], value="full", label="Preset",
+                             scale=3, min_width=220, elem_id="preset")
+        n = gr.Number(4, label="n", precision=0, minimum=1, scale=1, min_width=90, visible=False, elem_id="preset-n")
+        a = gr.Number(20, label="a", precision=0, minimum=0, scale=1, min_width=90, visible=False, elem_id="preset-a")
+        b = gr.Number(29, label="b", precision=0, minimum=0, scale=1, min_width=90, visible=False, elem_id="preset-b")
+        r = gr.Number(2, label="r", precision=0, minimum=1, scale=1, min_width=90, visible=False, elem_id="preset-r")
+        apply = gr.Button("Apply preset", scale=1, min_width=110, elem_id="apply-preset")
     with gr.Row(equal_height=True):
         text = gr.Textbox(label="Program (text form, e.g. 0-11, 12-15x2, 16-29 — press Enter to apply)",
-                          scale=5, elem_id="program-text")
-        download = gr.DownloadButton("⬇ Download JSON", scale=1, size="md")
-        upload = gr.UploadButton("⬆ Upload JSON", file_types=[".json"], type="binary", scale=1, size="md")
+                          scale=5, min_width=240, elem_id="program-text")
+        download = gr.DownloadButton("⬇ Program JSON", scale=1, size="md", min_width=120)
+        upload = gr.UploadButton("⬆ Upload JSON", file_types=[".json"], type="binary", scale=1, size="md",
+                                 min_width=120)
     with gr.Row():
-        with gr.Column(scale=2):
-            grid = gr.Dataframe(headers=H.GRID_HEADERS, datatype=["number", "bool", "number", "str"], type="array",
-                                interactive=True, static_columns=[0, 3], max_height=820, label="Layer grid",
+        with gr.Column(scale=2, min_width=240):
+            grid = gr.Dataframe(headers=H.GRID_HEADERS, datatype=["number", "bool", "number"], type="array",
+                                interactive=True, static_columns=[0], max_height=2000, label="Layer grid",
                                 elem_id="grid")
             note = gr.Markdown(elem_id="grid-note")
-        with gr.Column(scale=3):
+        with gr.Column(scale=3, min_width=300):
             roll = gr.Plot(label="Program: steps × layers", elem_id="roll", show_label=False)
+            gr.Markdown(figures.CAPTIONS["program"], elem_classes="caption")
     return preset, n, a, b, r, apply, text, download, upload, grid, note, roll
 
 
 def _answers():
-    """Both answers side by side, changed tokens highlighted, and the cost summary."""
+    """Both answers side by side, changed words highlighted, and the cost summary with the stamp."""
     with gr.Row():
-        with gr.Column():
-            full_head = gr.Markdown("Full program", elem_classes="answer-head")
-            full = gr.HighlightedText(label="Full program's answer (tokens the edit changes in grey)",
+        with gr.Column(min_width=280):
+            full_head = gr.Markdown("Full program", elem_classes="answer-head", elem_id="head-full")
+            full = gr.HighlightedText(label="Full program's answer (words the edit changes in grey)",
                                       color_map={"differs": "#C8C8C8"}, combine_adjacent=True, show_legend=False,
                                       show_inline_category=False, elem_id="answer-full")
-        with gr.Column():
-            edited_head = gr.Markdown("Edited program", elem_classes="answer-head")
-            edited = gr.HighlightedText(label="Edited program's answer (changed tokens highlighted)",
+        with gr.Column(min_width=280):
+            edited_head = gr.Markdown("Edited program", elem_classes="answer-head", elem_id="head-edited")
+            edited = gr.HighlightedText(label="Edited program's answer (changed words highlighted)",
                                         color_map={"changed": "#F58518"}, combine_adjacent=True,
                                         show_legend=False, show_inline_category=False, elem_id="answer-edited")
     summary = gr.Markdown("Press **Run** to answer the prompt under the full and the edited program.",
@@ -367,34 +549,43 @@ def _answers():
     return full_head, full, edited_head, edited, summary
 
 
+TAB_NAMES = {"similarity": "Similarity", "logit_lens": "Logit lens", "answer_probability": "Answer probability",
+             "block_influence": "Block influence", "alignment": "Alignment"}
+
+
 def _analysis_tabs():
     gr.Markdown("### What happens inside")
-    with gr.Tabs():
-        with gr.Tab("Similarity"):
-            sim = gr.Plot(elem_id="plot-similarity", show_label=False)
-        with gr.Tab("Logit lens"):
-            lens = gr.Plot(elem_id="plot-lens", show_label=False)
-        with gr.Tab("Answer-token probability"):
-            prob = gr.Plot(elem_id="plot-probability", show_label=False)
-        with gr.Tab("Block influence"):
-            influence = gr.Plot(elem_id="plot-influence", show_label=False)
-        with gr.Tab("Alignment with the full program"):
-            align = gr.Plot(elem_id="plot-alignment", show_label=False)
-    with gr.Accordion("Raw numbers (JSON)", open=False):
-        details = gr.JSON(show_label=False)
-    return sim, lens, prob, influence, align, details
+    gr.Markdown("Step labels read **s12·L15**: step 12 of the program runs layer 15 (a looped layer appears at "
+                "several steps); **emb** is the embeddings, before any layer. *Layer calls/token* counts the "
+                "steps, each looped run included. The camera icon on a chart saves it as PNG.",
+                elem_id="labels-note")
+    charts = gr.Markdown(elem_id="charts-head", elem_classes="caption")
+    plots = []
+    with gr.Tabs(overflow_behavior="wrap"):
+        for name in PLOTS:
+            with gr.Tab(TAB_NAMES[name]):
+                gr.Markdown(figures.CAPTIONS[name], elem_classes="caption")
+                plots.append(gr.Plot(elem_id=f"plot-{name.replace('_', '-')}", show_label=False))
+    with gr.Row():
+        csv = gr.DownloadButton("⬇ Per-step data (CSV)", size="sm", elem_id="download-csv", min_width=160)
+        data = gr.DownloadButton("⬇ Whole run (JSON)", size="sm", elem_id="download-json", min_width=160)
+    with gr.Accordion("Raw numbers (the JSON download)", open=False):
+        details = gr.JSON(show_label=False, elem_id="details")
+    return charts, plots, csv, data, details
 
 
 def _search_tab():
     with gr.Tab("Search", id="search"):
         gr.Markdown("Find **shorter programs** that still give the expected answer for the prompt on the Explore "
-                    "tab. Greedy drops blocks of layers one edit at a time; MCTS explores skip / keep / repeat "
-                    "segments as in the PoLar paper. Programs are checked by teacher forcing, then by decoding.")
+                    "tab (checked as the marks there are). Greedy drops blocks of layers one edit at a time; MCTS "
+                    "explores skip / keep / repeat segments as in the PoLar paper. Programs are checked by teacher "
+                    "forcing or decoding, then by decoding.")
         with gr.Row(equal_height=True):
-            method = gr.Radio(list(H.SEARCH_METHODS), value="greedy", label="Method", scale=2)
-            budget = gr.Slider(10, 400, value=120, step=10, label="Budget (programs scored)", scale=3,
+            method = gr.Radio(list(H.SEARCH_METHODS), value="greedy", label="Method", scale=2, min_width=160)
+            budget = gr.Slider(10, 400, value=120, step=10, label="Budget (programs scored)", scale=3, min_width=200,
                                elem_id="search-budget")
-            go_ = gr.Button("Find shorter programs", variant="primary", scale=2, elem_id="search-button")
+            go_ = gr.Button("Find shorter programs", variant="primary", scale=2, min_width=160,
+                            elem_id="search-button")
         message = gr.Markdown()
         table = gr.Dataframe(headers=H.SEARCH_COLUMNS, type="array",
                              datatype=["number", "str", "number", "str", "str"], interactive=False,
@@ -404,39 +595,48 @@ def _search_tab():
 
 def _evaluate_tab():
     with gr.Tab("Evaluate", id="evaluate"):
-        gr.Markdown("Accuracy against executed layers over a task family. **Top-1** is what a deployed router "
-                    "would run; best-of-k needs the answer to choose, so it is an *oracle* (hollow markers).")
+        gr.Markdown("Accuracy against layer calls per token over a task family. **Top-1** is what a deployed "
+                    "router would run; best-of-k needs the answer to choose, so it is an *oracle* (hollow markers).")
         with gr.Row(equal_height=True):
-            family = gr.Dropdown(list(FAMILIES), value="capitals", label="Task family", scale=2)
-            n_items = gr.Slider(5, 100, value=20, step=5, label="Items (test split)", scale=2, elem_id="eval-items")
-            drop = gr.Slider(0, 20, value=3, step=1, scale=2,
-                             label="Layers dropped by static baselines (when there is no router, or it keeps every layer)")
-            go_ = gr.Button("Evaluate", variant="primary", scale=1, elem_id="evaluate-button")
-        table = gr.Dataframe(headers=H.EVAL_COLUMNS, type="array",
-                             interactive=False, wrap=True, elem_id="eval-table")
+            family = gr.Dropdown(list(FAMILIES), value="capitals", label="Task family", scale=2, min_width=160)
+            n_items = gr.Slider(5, 100, value=20, step=5, label="Items (test split)", scale=2, min_width=160,
+                                elem_id="eval-items")
+            drop = gr.Slider(0, 20, value=3, step=1, scale=2, min_width=200,
+                             label="Layers dropped by static baselines (when there is no router, or it keeps "
+                                   "every layer)")
+            go_ = gr.Button("Evaluate", variant="primary", scale=1, min_width=100, elem_id="evaluate-button")
+        notes = gr.Markdown(elem_id="eval-notes")
+        table = gr.Dataframe(headers=H.EVAL_COLUMNS, type="array", interactive=False, wrap=True, elem_id="eval-table")
         plot = gr.Plot(show_label=False, elem_id="eval-plot")
+        gr.Markdown(figures.CAPTIONS["accuracy"], elem_classes="caption")
         with gr.Accordion("Markdown report", open=False):
             report = gr.Markdown()
-    return family, n_items, drop, go_, table, report, plot
+    return family, n_items, drop, go_, table, report, plot, notes
 
 
 def _learn_tab():
-    """One card per curated example, each with a button that loads it."""
+    """Per model, one card per curated lesson, each with a button that loads it (and its model)."""
     with gr.Tab("Learn", id="learn"):
-        gr.Markdown("A short tour for teaching **layer redundancy**. Each example was chosen by measurement on "
-                    "the default model (`python -m app.curate_examples`). Load one, then look at the answers "
-                    "and the figures on the Explore tab.")
+        gr.Markdown("A short tour for teaching **layer redundancy**. Each lesson was chosen by measurement "
+                    "(`python -m app.curate_examples`), on each model, on the same question where the model "
+                    "answers it: compare how many layers each model can spare, and where its answer appears. "
+                    "Load one: the Explore tab opens with its card beside the answers and figures.")
         buttons = []
-        examples = H.learn_examples()
-        if not examples:
-            gr.Markdown("_No curated examples found (app/learn_examples.json)._")
-        for i, ex in enumerate(examples):
-            with gr.Group():
-                gr.Markdown(f"#### {i + 1}. {ex['title']}\n{ex['explanation']}\n\n"
-                            f"Program: `{ex['program']}` · expected answer: **{ex['expected']}**",
-                            elem_classes="learn-card")
-                buttons.append((i, gr.Button(f"Load example {i + 1}", size="sm", elem_id=f"learn-{i}")))
+        models = [m for m in H.lesson_models() if m in allowed_models()]
+        if not models:
+            gr.Markdown("_No curated lessons found (app/learn/)._")
+        for model in models:
+            gr.Markdown(f"### On {model}")
+            for i, ex in enumerate(H.learn_examples(model)):
+                key = f"{i}" if model == DEFAULT_MODEL else f"{_slug(model)}-{i}"
+                with gr.Group():
+                    gr.Markdown(H.lesson_card(ex, i + 1), elem_classes="learn-card")
+                    buttons.append((model, i, key, gr.Button(f"Load lesson {i + 1}", size="sm", elem_id=f"learn-{key}")))
     return buttons
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def build_demo() -> gr.Blocks:
@@ -446,55 +646,79 @@ def build_demo() -> gr.Blocks:
         gr.Markdown("# PoLar Explorer\nSee how a language model spends its layers: skip them, loop them, "
                     "and watch the answer change. ([PoLar](https://arxiv.org/abs/2606.06574))", elem_id="title")
         model, status = _model_row()
-        with gr.Tabs(selected="explore") as tabs:
+        with gr.Tabs(selected="explore", overflow_behavior="wrap", elem_id="main-tabs") as tabs:
             with gr.Tab("Explore", id="explore"):
                 with gr.Row():
-                    example, prompt, expected, predict, run, auto = _prompt_column()
-                    table, message = _predict_column()
+                    example, prompt, expected, exact, predict, run, auto, copy = _prompt_column()
+                    lesson, table, message = _side_column()
                 answers = _answers()
                 preset, n, a, b, r, apply, text, download, upload, grid, note, roll = _editor()
-                results = (*answers, *_analysis_tabs())
+                charts, plots, csv, data, details = _analysis_tabs()
             s_method, s_budget, s_go, s_message, s_table = _search_tab()
-            e_family, e_items, e_drop, e_go, e_table, e_report, e_plot = _evaluate_tab()
+            e_family, e_items, e_drop, e_go, e_table, e_report, e_plot, e_notes = _evaluate_tab()
             learn_buttons = _learn_tab()
+        # Not shown: the API's twins of page events (see api_twin), and the row a click picked.
+        api_buttons = [gr.Button(visible=False) for _ in range(3)]
+        pred_row, search_row = gr.Number(visible=False, precision=0), gr.Number(visible=False, precision=0)
 
         editor = [text, grid, note, roll, download]
-        run_in = [prompt, text, expected, model, session]
-        run_out = [*results, session]
-        summary = answers[-1]
+        run_in = [prompt, text, expected, exact, model, session]
+        run_out = [*answers, charts, *plots, csv, data, details, session]
+        summary, edited_head, edited = answers[-1], answers[2], answers[3]
+        runs = dict(concurrency_id="run", trigger_mode="always_last", api_visibility="private",
+                    show_progress_on=summary)
 
-        def edit_event(trigger, fn, inputs, api_name):
-            """An editor change: sync the three views, rerun if auto-run, update the URL."""
-            return (trigger(fn, inputs, editor, api_name=api_name, trigger_mode="always_last", show_progress_on=text)
-                    .success(run_if_auto, [auto, *run_in], run_out, api_visibility="private", show_progress_on=summary)
-                    .then(None, [prompt, text, expected, model], None, js=URL_JS))
+        def then_run(dep, wait=True):
+            """After an editor change: say at once what will run, then run it (when auto-run is on)."""
+            if wait:
+                dep.success(None, [auto, text], [edited_head, edited], js=PENDING_JS)
+            return dep.success(page_run, [auto, *run_in], run_out, **runs)
 
-        (demo.load(on_load, [session], [model, prompt, expected, status, *editor, session], api_name="load_view")
-         .success(run_if_auto, [auto, *run_in], run_out, api_visibility="private", show_progress_on=summary))
-        model.input(on_model, [model], [status, *editor], api_name="model_status")  # not .change: the URL sets it too
-        (example.input(on_example, [example], [prompt, expected], api_name="example")
-         .success(run_if_auto, [auto, *run_in], run_out, api_visibility="private", show_progress_on=summary)
-         .then(None, [prompt, text, expected, model], None, js=URL_JS))
-        edit_event(text.submit, on_text, [text, model], "set_program_text")
-        edit_event(grid.input, on_grid, [grid, model], "set_program_grid")
+        def edit_event(trigger, fn, inputs, api_name, outputs=editor):
+            private = {} if api_name else {"api_visibility": "private"}
+            return then_run(trigger(fn, inputs, outputs, api_name=api_name, trigger_mode="always_last",
+                                    show_progress_on=text, **private))
+
+        then_run(demo.load(on_load, [session], [model, prompt, expected, status, lesson, *editor, session],
+                           api_name="load_view"), wait=False)
+        for box in (prompt, text, expected, model):  # the address bar follows every change, so a link reproduces it
+            box.change(None, [prompt, text, expected, model], None, js=URL_JS)
+        copy.click(None, None, None, js=COPY_JS)
+        then_run(model.input(on_model, [model], [status, *editor], api_name="model_status"))  # not .change: the URL sets it
+        then_run(example.input(on_example, [example], [prompt, expected, lesson], api_name="example"), wait=False)
+        # The page's text and grid events leave the box being edited alone; API
+        # clients get every view back from twins of the same handlers.
+        edit_event(text.submit, on_text_page, [text, model], None)
+        edit_event(grid.input, on_grid_page, [grid, text, model], None)
+        api_buttons[0].click(on_text, [text, model], editor, api_name="set_program_text")
+        api_buttons[1].click(on_grid, [grid, text, model], editor, api_name="set_program_grid")
         edit_event(apply.click, on_preset, [preset, n, a, b, r, model], "apply_preset")
+        preset.change(on_preset_choice, [preset], [n, a, b, r], api_visibility="private", queue=False)
         edit_event(upload.upload, on_upload, [upload, model], "upload_program")
-        edit_event(table.select, on_pick_row, [table, model], "pick_prediction")
-        (predict.click(on_predict, [prompt, model], [table, message, *editor], api_name="predict",
-                       show_progress_on=[table, text])
-         .success(run_if_auto, [auto, *run_in], run_out, api_visibility="private", show_progress_on=summary))
-        s_go.click(on_search, [prompt, expected, s_method, s_budget, model], [s_table, s_message], api_name="search")
-        (s_table.select(on_pick_row, [s_table, model], editor, api_name="pick_search_result")
-         .success(lambda: gr.Tabs(selected="explore"), None, tabs, api_visibility="private")
-         .success(run_if_auto, [auto, *run_in], run_out, api_visibility="private", show_progress_on=summary))
-        e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot], api_name="evaluate")
-        for i, button in learn_buttons:
-            (button.click(functools.partial(on_learn, i), [model], [prompt, expected, *editor, tabs],
-                          api_name=f"learn_example_{i}")
-             .success(on_run, run_in, run_out, api_visibility="private", show_progress_on=summary)
-             .then(None, [prompt, text, expected, model], None, js=URL_JS))
-        (run.click(on_run, run_in, run_out, api_name="run", trigger_mode="always_last", show_progress_on=summary)
-         .then(None, [prompt, text, expected, model], None, js=URL_JS))
+        for trigger in (expected.submit, exact.input):  # a new expected answer or rule re-marks the answers
+            trigger(run_now, run_in, run_out, **runs)
+        then_run(table.select(clicked_row, None, pred_row, api_visibility="private")
+                 .success(on_pick_row, [table, pred_row, model], editor, api_name="pick_prediction",
+                          show_progress_on=text))
+        then_run(predict.click(on_predict, [prompt, model], [table, message, *editor], api_name="predict",
+                               show_progress_on=[table, text]))
+        s_go.click(on_search, [prompt, expected, s_method, s_budget, model, exact], [s_table, s_message],
+                   api_name="search")
+        then_run(s_table.select(clicked_row, None, search_row, api_visibility="private")
+                 .success(on_pick_row, [s_table, search_row, model], editor, api_name="pick_search_result",
+                          show_progress_on=text)
+                 .success(lambda: gr.Tabs(selected="explore"), None, tabs, api_visibility="private"))
+        e_go.click(on_evaluate, [e_family, e_items, e_drop, model], [e_table, e_report, e_plot, e_notes],
+                   api_name="evaluate")
+        for lesson_model, i, key, button in learn_buttons:
+            loaded = button.click(functools.partial(on_learn, lesson_model, i), None,
+                                  [model, status, prompt, expected, *editor, lesson, tabs],
+                                  api_name=f"learn_example_{key.replace('-', '_')}")
+            loaded.success(None, None, None, js=SCROLL_JS)  # the card and the answers in view
+            loaded.success(run_now, run_in, run_out, **runs)
+        run.click(run_now, run_in, run_out, **runs)
+        api_buttons[2].click(api_run, [prompt, text, expected, model, exact, session], run_out, api_name="run",
+                             concurrency_id="run")
     return demo.queue(default_concurrency_limit=CONCURRENCY)
 
 

@@ -7,7 +7,8 @@ What one edit costs, timed per edit, exactly as the page does it: parse the
 program text, sync the grid and piano roll (`editor_view`), run the edited
 program for up to 32 new tokens with the full program's trace reused from the
 session (`handlers.run`: generation + `polar_core.study.analysis.analyze` + all
-figures), and serialise every figure to JSON as Gradio does before sending.
+figures), serialise every figure to JSON as Gradio does before sending, and
+build the run's downloads (per-step CSV, the JSON record).
 The prompt is a free-text chat prompt so answers run to the 32-token cap
 rather than stopping at a newline. Target: median <= 1.5 s on 2 CPU cores.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import random
@@ -70,6 +72,8 @@ def time_edit(lm, session, text: str):
     run = H.run(lm, session, PROMPT, text, "")
     for fig in [view.roll, *run.figures.values()]:
         fig.to_json()  # Gradio sends figures as JSON
+    H.step_table(run.analysis).to_csv(index=False)  # the downloads the page offers for every run
+    json.dumps(H.run_record(run), ensure_ascii=False)
     return time.perf_counter() - started, run.edited.seconds, run
 
 
@@ -141,8 +145,8 @@ def main(argv=None) -> int:
         gen.append(generating)
         plain.append(plain_seconds)
         tokens.append(len(trace.token_ids))
-        passes.append(trace.extras.get("decode_passes", 0))
-        kept.append(trace.extras.get("draft_tokens_kept", 0))
+        passes.append(trace.drafts.decode_passes if trace.drafts else 0)
+        kept.append(trace.drafts.draft_tokens_kept if trace.drafts else 0)
         print(f"{seconds:6.3f} s  (generate {generating:5.3f} s, plain {plain_seconds:5.3f} s, "
               f"float32 {dense_seconds:5.3f} s)  {tokens[-1]:2d} tokens, "
               f"{kept[-1]:2d} from drafts  {text}", flush=True)
@@ -167,7 +171,8 @@ def main(argv=None) -> int:
         "(other jobs on a shared machine inflate the times)",
         f"- prompt: {PROMPT!r} (chat template), up to 32 new tokens; tokens generated per edit: "
         f"median {statistics.median(tokens):.0f}, min {min(tokens)}, max {max(tokens)}",
-        "- per edit: parse + grid/piano roll + generate the edited program + `analyze` + 5 analysis figures + JSON; "
+        "- per edit: parse + grid/piano roll + generate the edited program + `analyze` + 5 analysis figures + JSON "
+        "+ the per-step CSV and the run's JSON record; "
         "the full program's trace is reused from the session, as in the app",
         "- weight layouts chosen at load by timing (`polar_core.engine.cpu.layout`): "
         + "; ".join(f"{shape}: {choice}" for shape, choice in layouts.items()),

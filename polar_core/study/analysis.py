@@ -12,7 +12,8 @@ array below has one entry per step, index k - 1 for step k.
 - Logit lens: final norm + LM head on each step's state (``kernels.fused_logit_lens``),
   with the rank of chosen tokens counted in vocabulary chunks, never
   materializing steps x vocab logits.
-- Answer change: token-level diff of two answers (difflib opcodes).
+- Answer change: token-level diff of two answers (difflib opcodes), and a
+  word-level one of their texts for the page (whole words marked).
 
 Model-level redundancy over many prompts lives in polar_core.study.redundancy.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from kernels import cosine_similarity_matrix, fused_logit_lens
 from kernels.logit_lens import lens_from_logits, lens_logits, normalized_rows
 from polar_core.engine.models import LoadedModel
 from polar_core.program import Program
-from polar_core.study.checker import check_answer
+from polar_core.study.checker import check_answer, same_answer
 
 # Vocabulary columns per matmul when counting ranks: a (rows, 8192) fp32 tile.
 RANK_VOCAB_CHUNK = 8192
@@ -350,11 +352,46 @@ def answer_diff(a: Sequence[int], b: Sequence[int], decode=None) -> AnswerDiff:
     return AnswerDiff(False, first, spans)
 
 
-def expected_met(answer_text: str, expected: str | None) -> bool | None:
-    """Whether the answer is right (polar_core.study.tasks.check_answer); None without an expected answer."""
+def word_marks(a: str, b: str) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+    """Two answer texts as runs of (text, changed), whole words marked.
+
+    Words are runs of non-space characters, compared with difflib; a space
+    between two changed words is marked too, so a changed phrase reads as
+    one span. Texts are decoded whole, so emoji and multi-token numbers stay
+    intact (decoding token by token splits them).
+    """
+    words_a, words_b = re.findall(r"\S+", a), re.findall(r"\S+", b)
+    changed_a, changed_b = [False] * len(words_a), [False] * len(words_b)
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=words_a, b=words_b, autojunk=False).get_opcodes():
+        if op != "equal":
+            changed_a[i1:i2] = [True] * (i2 - i1)
+            changed_b[j1:j2] = [True] * (j2 - j1)
+    return _word_runs(a, changed_a), _word_runs(b, changed_b)
+
+
+def _word_runs(text: str, changed: list[bool]) -> list[tuple[str, bool]]:
+    runs: list[tuple[str, bool]] = []
+    word = 0
+    for piece in re.split(r"(\S+)", text):
+        if not piece:
+            continue
+        if piece.isspace():
+            mark = 0 < word < len(changed) and changed[word - 1] and changed[word]
+        else:
+            mark, word = changed[word], word + 1
+        if runs and runs[-1][1] == mark:
+            runs[-1] = (runs[-1][0] + piece, mark)
+        else:
+            runs.append((piece, mark))
+    return runs
+
+
+def expected_met(answer_text: str, expected: str | None, rule: str = "exact") -> bool | None:
+    """Whether the answer is right (polar_core.study.checker.check_answer under
+    `rule`); None without an expected answer."""
     if not expected:
         return None
-    return check_answer(answer_text, expected)
+    return check_answer(answer_text, expected, rule=rule)
 
 
 # ---------------------------------------------------------------- 7. the bundle
@@ -389,6 +426,8 @@ class Analysis:
     expected_met: bool | None
     baseline_expected_met: bool | None
     seconds: float  # time analyze took
+    rule: str = "exact"  # how expected_met was checked (polar_core.study.checker)
+    same_answer: bool = True  # the two answers read the same (checker.same_answer)
     # Answer tokens before the lens position: 1 when the answer opens with a
     # bare space and the lens looks where its first content token is chosen.
     lens_offset: int = 0
@@ -474,7 +513,8 @@ def _targets(lm: LoadedModel, trace, baseline, expected) -> dict[str, int]:
 
 
 @torch.inference_mode()
-def analyze(lm: LoadedModel, trace, baseline, *, expected: str | Sequence[int] | None = None, k: int = 5) -> Analysis:
+def analyze(lm: LoadedModel, trace, baseline, *, expected: str | Sequence[int] | None = None, k: int = 5,
+            rule: str = "exact") -> Analysis:
     """All analyses of `trace` against `baseline` (the full program on the same prompt).
 
     Args:
@@ -482,6 +522,8 @@ def analyze(lm: LoadedModel, trace, baseline, *, expected: str | Sequence[int] |
         expected: the expected answer as text (see ``expected_token_ids``) or
             token ids; None when unknown.
         k: top-k tokens of the lens.
+        rule: how answers are checked against `expected` ("exact" or
+            "contains"; ``PromptStyle.answer_rule`` picks it for a prompt).
     """
     started = time.perf_counter()
     if trace.step_hidden is None:
@@ -519,9 +561,11 @@ def analyze(lm: LoadedModel, trace, baseline, *, expected: str | Sequence[int] |
         answer_text=trace.text,
         baseline_text=baseline.text,
         expected=text,
-        expected_met=expected_met(trace.text, text),
-        baseline_expected_met=expected_met(baseline.text, text),
+        expected_met=expected_met(trace.text, text, rule),
+        baseline_expected_met=expected_met(baseline.text, text, rule),
         seconds=time.perf_counter() - started,
+        rule=rule,
+        same_answer=same_answer(trace.text, baseline.text),
         lens_offset=lens_offset,
         baseline_lens_offset=baseline_lens_offset,
     )

@@ -42,16 +42,25 @@ from polar_core.study.tasks import FAMILIES, STOP_TEXT, SUITE_VERSION, TaskItem,
 # running programs, cached
 
 
+def answer_texts(lm: LoadedModel, prompts: Sequence[str], programs: Sequence[Program], max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers of few-shot prompts, one program per prompt (rows of one batch), cut at the newline."""
+    traces = generate(lm, list(prompts), list(programs), max_new_tokens=max_new_tokens, chat=False,
+                      stopping=Stopping(strings=(STOP_TEXT,)))
+    return [t.text for t in traces]
+
+
 class Runner:
     """Generates answers for (item, program) pairs, each pair once.
 
     Args:
         prompt_fn: the prompt of an item (default: the suite's few-shot prompt).
+        pool: a `polar_core.study.distributed.WorkerPool` to generate on (the
+            same batches, spread over its workers); None = in this process.
     """
 
     def __init__(self, lm: LoadedModel, *, prompt_fn: Callable[[TaskItem], str] = build_prompt,
-                 batch_size: int = 16, max_new_tokens: int = 8, progress: bool = True):
-        self.lm, self.prompt_fn = lm, prompt_fn
+                 batch_size: int = 16, max_new_tokens: int = 8, progress: bool = True, pool=None):
+        self.lm, self.prompt_fn, self.pool = lm, prompt_fn, pool
         self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
         self.results: dict[tuple[str, tuple[int, ...]], tuple[str, bool]] = {}
         self._prompts: dict[str, str] = {}
@@ -71,16 +80,21 @@ class Runner:
         todo = {(it.id, p.path): (it, p) for it, p in pairs if (it.id, p.path) not in self.results}
         # Sorting by program keeps batches mostly single-program: one layer call per step.
         queue = sorted(todo.values(), key=lambda ip: (ip[1].path, ip[0].id))
+        batches = [queue[i : i + self.batch_size] for i in range(0, len(queue), self.batch_size)]
+        jobs = [([self.prompt(it) for it, _ in batch], [p for _, p in batch]) for batch in batches]
         bar = tqdm(total=len(queue), desc=desc, unit="run", disable=not self.progress or not queue)
-        for i in range(0, len(queue), self.batch_size):
-            chunk = queue[i : i + self.batch_size]
-            traces = generate(self.lm, [self.prompt(it) for it, _ in chunk], [p for _, p in chunk],
-                              max_new_tokens=self.max_new_tokens, chat=False,
-                              stopping=Stopping(strings=(STOP_TEXT,)))
-            for (item, program), trace in zip(chunk, traces):
-                self.results[(item.id, program.path)] = (trace.text, check_answer(trace.text, item))
-            bar.update(len(chunk))
+        if self.pool is None:
+            texts = []
+            for prompts, programs in jobs:
+                texts.append(answer_texts(self.lm, prompts, programs, self.max_new_tokens))
+                bar.update(len(prompts))
+        else:
+            texts = self.pool.map("answer_texts", [(job, {"max_new_tokens": self.max_new_tokens}) for job in jobs],
+                                  lambda index, done: bar.update(len(done)))
         bar.close()
+        for batch, batch_texts in zip(batches, texts):
+            for (item, program), text in zip(batch, batch_texts):
+                self.results[(item.id, program.path)] = (text, check_answer(text, item))
 
 
 def _row(method, group, items, programs, correct, num_layers, **extra) -> MethodRow:
@@ -435,6 +449,7 @@ def run_evaluation(
     held_out_families: Sequence[str] = (),
     held_out_per_family: int | None = None,
     progress: bool = True,
+    pool=None,
 ) -> list[EvalTable]:
     """The router evaluation on a split of the task suite: the main table, a
     per-family table and, with `ood_family` and `train_samples`, the table of
@@ -451,9 +466,11 @@ def run_evaluation(
             family in turn, evaluated on that family (one table).
         held_out_families: question families no router saw (``tasks.HELD_OUT_FAMILIES``):
             a table over up to `held_out_per_family` items of each, every split.
+        pool: generate on these Ray workers (polar_core.study.distributed);
+            the tables are the same.
     """
     items = [it for fam in FAMILIES for it in sample_items(fam, per_family, split)]
-    runner = Runner(lm, max_new_tokens=max_new_tokens, progress=progress)
+    runner = Runner(lm, max_new_tokens=max_new_tokens, progress=progress, pool=pool)
     per_calibration_family = max(1, calibration // len(FAMILIES))
     setting = _Setting(
         lm, runner, split, k,

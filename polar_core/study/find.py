@@ -194,14 +194,15 @@ def _verify(lm: LoadedModel, items, answers, right, targets, seen: list[_Seen], 
             recheck_total: int, seed: int, decode_margin: float, check_progress) -> list[ItemRecord]:
     """Decode the teacher-forced valid programs whose margin is small (and a
     sample of invalid ones) to keep only the truly valid."""
-    rng = random.Random(seed)
     shortest_first = lambda p: (len(p), p)  # noqa: E731
     tf_valid = [sorted((p for p in s.order if s.verdicts[p]), key=shortest_first) for s in seen]
     tf_invalid = [sorted((p for p in s.order if not s.verdicts[p]), key=shortest_first) for s in seen]
-    recheck = [rng.sample(bad, min(recheck_invalid, len(bad))) for bad in tf_invalid]
+    # One generator per item: an item's sample does not depend on the items searched with it.
+    recheck = [random.Random(f"{seed}/{item.id}").sample(bad, min(recheck_invalid, len(bad)))
+               for item, bad in zip(items, tf_invalid)]
     chosen = [(i, p) for i, ps in enumerate(recheck) for p in ps]
     if len(chosen) > recheck_total:  # a large search: the agreement statistic needs a sample, not every item
-        keep = set(rng.sample(chosen, recheck_total))
+        keep = set(random.Random(seed).sample(chosen, recheck_total))
         recheck = [[p for p in ps if (i, p) in keep] for i, ps in enumerate(recheck)]
     depth = lm.num_layers
     # Decoding writes at most MAX_NEW_TOKENS tokens: a longer answer must be decoded to be judged.
@@ -307,28 +308,35 @@ class PromptSearch:
     seconds: float
     full_valid: bool  # the full program itself gives the expected answer
     stopped: bool = False  # cut short (time limit or cancel): partial results
+    rule: str = "exact"  # how answers were checked (polar_core.study.checker)
 
 
-def prompt_scorer(lm: LoadedModel, prompt_ids: Sequence[int], expected: str, few_shot: bool):
+def prompt_scorer(lm: LoadedModel, prompt_ids: Sequence[int], expected: str, few_shot: bool, rule: str = "exact",
+                  stop_strings: Sequence[str] = ()):
     """Scores programs on one prompt: teacher forcing for few-shot prompts (an
-    answer line that ends in a newline: fast, prefixes shared); decoding and
-    the checker otherwise (free text has no fixed continuation)."""
+    answer line that ends in a newline, checked exactly: fast, prefixes
+    shared); decoding and the checker under `rule` otherwise (free text has
+    no fixed continuation)."""
     if few_shot:
         stops = line_end_ids(lm.tokenizer) | eos_token_ids(lm)
         return make_scorer(lm, Target(prompt_ids, expected_token_ids(lm, prompt_ids, expected), stops))
 
     def decode(programs):
-        traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=())
-        return [check_answer(t.text, expected) for t in traces]
+        traces = decode_programs(lm, prompt_ids, programs, max_new_tokens=16, stop_strings=tuple(stop_strings))
+        return [check_answer(t.text, expected, rule=rule) for t in traces]
 
     return decode
 
 
 def find_programs(lm: LoadedModel, prompt: str, expected: str, *, method: str = "greedy", budget: int = 100,
                   verify_top: int = VERIFY_TOP, progress: Callable[[int, int], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> PromptSearch:
+                  should_stop: Callable[[], bool] | None = None, exact: bool = False) -> PromptSearch:
     """Search programs whose greedy answer to `prompt` is `expected`, then check
     the shortest `verify_top` of them by decoding.
+
+    Answers are checked as the page marks them (``PromptStyle.answer_rule``):
+    few-shot answers exactly, free-text answers by containing `expected`
+    unless `exact`.
 
     Args:
         progress: called with (programs scored, budget) after every round.
@@ -338,8 +346,9 @@ def find_programs(lm: LoadedModel, prompt: str, expected: str, *, method: str = 
     if not expected.strip():
         raise SearchError("a search needs an expected answer: a program is valid when it produces it")
     style = prompt_style(lm, prompt)
-    ids = encode_prompts(lm, [prompt], chat=style.chat).input_ids[0].tolist()
-    scorer = prompt_scorer(lm, ids, expected, style.few_shot)
+    rule = style.answer_rule(exact)
+    ids = encode_prompts(lm, [style.text(prompt)], chat=style.chat).input_ids[0].tolist()
+    scorer = prompt_scorer(lm, ids, expected, style.few_shot, rule, style.stop_strings)
     search = make_search(method, lm.num_layers, budget=budget, seed=0)
     stopped = False
     while programs := search.ask():
@@ -352,6 +361,7 @@ def find_programs(lm: LoadedModel, prompt: str, expected: str, *, method: str = 
     result = search.result()
     candidates = result.valid[:verify_top]
     traces = decode_programs(lm, ids, candidates, max_new_tokens=16, stop_strings=style.stop_strings)
-    found = [(p, shown_answer(t.text, style)) for p, t in zip(candidates, traces) if check_answer(t.text, expected)]
+    found = [(p, shown_answer(t.text, style)) for p, t in zip(candidates, traces)
+             if check_answer(t.text, expected, rule=rule)]
     return PromptSearch(method, [p for p, _ in found], [a for _, a in found], result.programs_scored,
-                        result.seconds, result.full_valid, stopped)
+                        result.seconds, result.full_valid, stopped, rule)

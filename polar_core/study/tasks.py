@@ -23,13 +23,19 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 from polar_core.assets import asset_path
 from polar_core.study.text import fold, normalize_text
 
 TASK_DIR = asset_path("tasks")
-BASELINE_FILE = TASK_DIR / "baseline_accuracy.json"
+
+
+def baseline_path(model_name: str) -> Path:
+    """Where the full program's measured accuracy per family is kept for a model (`python -m polar_core baseline`)."""
+    return asset_path("baselines", f"{model_name}.json")
+
 
 SPLITS = ("train", "val", "test")
 # Cumulative upper bounds of the hash fraction: 70% train, 15% val, 15% test.

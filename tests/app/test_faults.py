@@ -156,7 +156,7 @@ def test_a_link_to_a_model_that_fails_falls_back_to_the_default(real_lm, tmp_pat
     spec = str(_broken_checkpoint(tmp_path / "model"))
     monkeypatch.setenv(MODELS_ENV, f"{DEFAULT_MODEL},{spec}")
     with pytest.warns(UserWarning, match="could not load model"):
-        model, prompt, _, status, text, *_ = ui.on_load(Session(), _Request(model=spec, prompt=PROMPT))
+        model, prompt, _, status, _card, text, *_ = ui.on_load(Session(), _Request(model=spec, prompt=PROMPT))
     assert model == default_model() == DEFAULT_MODEL
     assert DEFAULT_MODEL in status and prompt == PROMPT and text == "0-29"
 

@@ -90,7 +90,7 @@ def test_program_grid_marks_skipped_rows_and_baseline():
     assert heat[F.OP_NAMES["skip"]].text[2][0] == "layer 2: skipped"
     base = fig.data[0]
     assert isinstance(base, go.Scatter) and list(base.y) == list(range(D))
-    assert "2 skipped" in fig.layout.title.text
+    assert "2 layers skipped" in fig.layout.title.text
     assert F.OP_NAMES["skip"] in [t.name for t in fig.data if isinstance(t, go.Scatter)]
 
 
@@ -213,11 +213,18 @@ def test_logit_lens_grid_text_and_highlight():
     _serialisable(fig)
 
 
-def test_logit_lens_grid_many_steps_hides_cell_text():
-    S, k = 60, 5
-    fig = F.logit_lens_grid([str(s) for s in range(S)], [["x"] * k] * S, np.full((S, k), 0.1))
-    assert fig.data[0].texttemplate is None
-    assert fig.layout.height <= 450
+@pytest.mark.parametrize("S", [30, 120])
+def test_logit_lens_grid_shows_tokens_at_any_depth(S):
+    """Over 24 steps (the full program, every lesson) the lens drew colour bars
+    with no token text; up to the 4 x 30-layer step limit every row must read."""
+    k = 5
+    tokens = [[f"t{s}", "x", "y", "z", " Paris" if s == S - 1 else "w"] for s in range(S)]
+    fig = F.logit_lens_grid([f"s{s + 1}·L{s}" for s in range(S)], tokens, np.full((S, k), 0.1), highlight_token="Paris")
+    (h,) = fig.data
+    assert h.texttemplate == "%{text}" and len(h.text) == S and all(row[0] == f"t{s}" for s, row in enumerate(h.text))
+    assert len(fig.layout.yaxis.tickvals) == S  # every step labelled
+    assert fig.layout.height >= F.LENS_ROW_PX * S  # rows tall enough for their text
+    assert [(sh.y0 + 0.5, sh.x0 + 0.5) for sh in fig.layout.shapes] == [(S - 1, 5)]  # the answer outlined
 
 
 def test_logit_lens_grid_rejects_bad_input():
@@ -296,6 +303,16 @@ def test_accuracy_vs_depth_marks_oracles():
     _serialisable(fig)
 
 
+def test_accuracy_vs_depth_methods_at_one_spot_share_one_label():
+    """Six methods at one point (a router that keeps every layer) drew six labels on top of each other."""
+    same = [{"method": m, "accuracy": 0.8, "layer_calls": 30, "oracle": False} for m in "ABCDEF"]
+    fig = F.accuracy_vs_depth(same + [{"method": "G", "accuracy": 0.5, "layer_calls": 27}])
+    labelled = [t for t in fig.data if t.mode == "markers+text"]
+    assert [t.text[0] for t in labelled] == ["A<br>B<br>C<br>D<br>E<br>F", "G"]
+    assert {t.name for t in fig.data} == set("ABCDEFG")  # each method keeps its legend entry
+    assert labelled[0].textposition != labelled[1].textposition
+
+
 def test_accuracy_vs_depth_rejects_bad_input():
     with pytest.raises(ValueError, match="accuracy"):
         F.accuracy_vs_depth([{"method": "m", "accuracy": 46.2, "layer_calls": 3}])  # percent, not 0-1
@@ -312,3 +329,28 @@ def test_empty_figure_shows_escaped_message():
     assert fig.layout.xaxis.visible is False
     assert fig.layout.template.layout.paper_bgcolor is not None  # the shared (plotly_white-like) template applied
     _serialisable(fig)
+
+
+# ------------------------------------------------------------ the page's look
+def test_titles_fit_beside_the_toolbar_on_a_phone():
+    """Long titles ran under the Plotly toolbar at 390 px; titles stay short, captions say the rest."""
+    figs = [
+        F.program_grid([0, 1, 4], 30, baseline_path=list(range(30))),
+        F.similarity_heatmap(np.eye(3), ["a", "b", "c"]),
+        F.logit_lens_grid(["a"], [[" Washington"]], [[0.5]], highlight_token=" Washington"),
+        F.answer_probability_curve({"full program": (["a"], [0.5])}, token=" Washington"),
+        F.block_influence_bar([0.1], ["a"], ["keep"]),
+        F.alignment_curve(["a"], [1.0], [1.0]),
+        F.accuracy_vs_depth([{"method": "m", "accuracy": 0.5, "layer_calls": 3}]),
+    ]
+    for fig in figs:
+        assert len(fig.layout.title.text) <= 40, fig.layout.title.text
+        assert fig.layout.modebar.orientation == "v"  # the toolbar stands in the right margin
+
+
+def test_every_chart_has_a_caption_and_a_png_name():
+    for name in ("program", "similarity", "logit_lens", "answer_probability", "block_influence", "alignment",
+                 "accuracy"):
+        assert F.CAPTIONS[name].endswith(".") and "\n" not in F.CAPTIONS[name]
+    config = F.plot_config("logit_lens")
+    assert config["toImageButtonOptions"] == {"format": "png", "filename": "polar-logit_lens", "scale": 2}

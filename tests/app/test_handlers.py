@@ -43,15 +43,14 @@ def test_bad_program_text_gives_one_message(text, message):
 def test_grid_round_trip_of_a_per_layer_program():
     program = Program((0, 1, 1, 1, 2, 4), 5)
     rows, note = H.grid_rows(program)
-    assert rows == [[0, True, 1, "keep"], [1, True, 3, "loop ×3"], [2, True, 1, "keep"],
-                    [3, False, 1, "skip"], [4, True, 1, "keep"]]
+    assert rows == [[0, True, 1], [1, True, 3], [2, True, 1], [3, False, 1], [4, True, 1]]
     assert "Untick" in note
     assert H.program_from_grid(rows, 5) == program
 
 
 def test_grid_reads_browser_values():
     """Cells arrive as strings or floats from the page; 'false'/'true' and 2.0 must read right."""
-    rows = [[0, "true", "1", "keep"], [1, "false", 1.0, "keep"], [2, True, 2.0, "keep"]]
+    rows = [[0, "true", "1"], [1, "false", 1.0], [2, True, 2.0]]
     assert H.program_from_grid(rows, 3).path == (0, 2, 2)
 
 
@@ -63,10 +62,11 @@ def test_grid_says_when_it_cannot_express_a_program(path):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([[0, False, 1, ""], [1, False, 1, ""]], "Every layer is skipped"),
-    ([[0, True, 9, ""], [1, True, 1, ""]], "whole number 1–4"),
-    ([[0, True, "two", ""], [1, True, 1, ""]], "whole number"),
-    ([[0, True, 1, ""]], "has 1 rows"),
+    ([[0, False, 1], [1, False, 1]], "Every layer is skipped"),
+    ([[0, True, 9], [1, True, 1]], "whole number 1–4"),
+    ([[0, True, "two"], [1, True, 1]], "whole number"),
+    ([[0, True, 1]], "has 1 rows"),
+    ([[0, True], [1, True, 1]], "incomplete"),
     ("nonsense", "not a table"),
 ])
 def test_bad_grid(rows, message):
@@ -239,59 +239,88 @@ def test_a_superseded_run_stops_and_leaves_no_baseline(real_lm, capital):
     assert session.baseline is baseline
 
 
+PAGE_PROMPT = "Write a short story about a cat who learns to swim."  # runs to the 32-token cap
+SKIP = {"__type__": "update"}
+
+
+def _page_run(page, program="0-19", claim=True):
+    from app import ui
+
+    return list(ui.page_run(True, PAGE_PROMPT, program, "", False, None, Session(), page, claim=claim))
+
+
+def _run_in_thread(ready_after, fn):
+    """fn() in a thread that is under way once `ready_after` is called (a spy on it); returns (thread, result)."""
+    import threading
+
+    from app import ui
+
+    result, started = {}, threading.Event()
+    original = getattr(ui.RUN_TICKETS, ready_after)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        started.set()
+        return out
+
+    setattr(ui.RUN_TICKETS, ready_after, spy)  # an instance attribute over the method, removed below
+    try:
+        thread = threading.Thread(target=lambda: result.setdefault("out", fn()))
+        thread.start()
+        assert started.wait(60)
+    finally:
+        vars(ui.RUN_TICKETS).pop(ready_after)
+    return thread, result
+
+
 @pytest.mark.real_model
 def test_a_newer_run_of_the_same_page_stops_the_older_one(real_lm):
-    """Two runs of one browser session at once (an edit while a run is going):
-    the older stops at its next token and its outputs are skipped."""
-    import threading
+    """Two runs of one page at once: the older stops at its next token and draws nothing."""
+    from types import SimpleNamespace
+
+    page, other = SimpleNamespace(session_hash="page-1"), SimpleNamespace(session_hash="page-2")
+    thread, older = _run_in_thread("start", lambda: _page_run(page))
+    newer, unrelated = _page_run(page)[-1], _page_run(other)[-1]
+    thread.join(120)
+    assert all(out == SKIP for out in older["out"][-1])  # gr.skip(): nothing stale is drawn
+    assert newer[-2]["edited_answer"] and newer[-2]["edited_answer"] == unrelated[-2]["edited_answer"]
+
+
+@pytest.mark.real_model
+def test_an_edit_stops_the_run_in_progress_and_a_late_run_of_an_old_program_draws_nothing(real_lm):
+    """Regression: with auto-run on, the answer of an older edit stayed on the page
+    while the editor held the newer program."""
     from types import SimpleNamespace
 
     from app import ui
 
-    page, other = SimpleNamespace(session_hash="page-1"), SimpleNamespace(session_hash="page-2")
-    prompt = "Write a short story about a cat who learns to swim."  # runs to the 32-token cap
-    older: dict = {}
-    started = threading.Event()
-    issue = ui.RUN_TICKETS.issue  # the bound method
-
-    def issue_and_signal(key):
-        should_stop = issue(key)
-        started.set()
-        return should_stop
-
-    def run_older():
-        older["out"] = list(ui.on_run(prompt, "0-19", "", None, Session(), page))[-1]
-
-    ui.RUN_TICKETS.issue = issue_and_signal  # an instance attribute over the method, popped below
-    try:
-        thread = threading.Thread(target=run_older)
-        thread.start()
-        started.wait(30)
-        vars(ui.RUN_TICKETS).pop("issue")
-        newer = list(ui.on_run(prompt, "0-19", "", None, Session(), page))[-1]
-        unrelated = list(ui.on_run(prompt, "0-19", "", None, Session(), other))[-1]
-        thread.join(120)
-    finally:
-        vars(ui.RUN_TICKETS).pop("issue", None)
-    assert all(out == {"__type__": "update"} for out in older["out"])  # gr.skip(): nothing stale is drawn
-    assert newer[-2]["edited_answer"] and newer[-2]["edited_answer"] == unrelated[-2]["edited_answer"]
+    page = SimpleNamespace(session_hash="page-3")
+    thread, running = _run_in_thread("start", lambda: _page_run(page, "0-19"))
+    ui.RUN_TICKETS.edited("page-3", "0-9, 11-29")  # the editor moved on (an edit with auto-run on)
+    thread.join(120)
+    assert all(out == SKIP for out in running["out"][-1])
+    late = _page_run(page, "0-19", claim=False)  # the old program's auto-run, arriving after the edit
+    assert all(out == SKIP for out in late[-1]) and len(late) == 1  # no ticket taken, no "running" said
+    final = _page_run(page, "0-9, 11-29", claim=False)
+    assert final[0][2].startswith("Edited program `0-9, 11-29` · running")  # says at once what it runs
+    assert final[-1][-2]["stamp"]["program"] == "0-9, 11-29"
 
 
 @pytest.mark.real_model
 def test_a_run_streams_its_answers_then_everything(real_lm):
     from app import ui
 
-    prompt = "Write a short story about a cat who learns to swim."
-    outputs = list(ui.on_run(prompt, "0-9, 11-29", "", None, Session()))
+    outputs = list(ui.api_run(PAGE_PROMPT, "0-9, 11-29", "", None, False, Session()))
     partial, final = outputs[:-1], outputs[-1]
     assert len(partial) >= 2  # 2 x 32 tokens take seconds: several updates at <= 1 per STREAM_SECONDS
-    skip = {"__type__": "update"}
-    assert all(out[4:] == (skip,) * (ui.RUN_OUTPUTS - 4) for out in partial)  # summary, plots: untouched
+    assert all(out[4:] == (SKIP,) * (len(out) - 4) for out in partial)  # summary, plots: untouched
     assert partial[0][0] == "Full program · generating…"  # the full answer comes first (a new prompt)
-    edited_texts = [out[3][0][0] for out in partial if out[2] != skip]
+    edited_texts = [out[3][0][0] for out in partial if out[2] != SKIP]
     details = final[-2]
     assert edited_texts and details["edited_answer"].startswith(edited_texts[0].rstrip("…"))
-    assert final[5] is not skip and "layer calls" in final[4]
+    assert final[6] is not SKIP and "layer calls" in final[4]
+    assert details["stamp"] == {"prompt": PAGE_PROMPT, "program": "0-9, 11-29", "model": real_lm.name,
+                                "expected": "", "rule": "contains"}
 
 
 def test_closing_a_streaming_run_stops_the_model(real_lm):
@@ -312,7 +341,7 @@ def test_closing_a_streaming_run_stops_the_model(real_lm):
 
     handlers.run = watched_run
     try:
-        run = ui.on_run("Write a short story about a cat who learns to swim.", "0-19", "", None, Session())
+        run = ui.api_run(PAGE_PROMPT, "0-19", "", None, False, Session())
         next(run)  # the first partial answer: generation is under way
         run.close()
         assert stopped.wait(10)  # long before the two 32-token answers would have finished
@@ -320,17 +349,22 @@ def test_closing_a_streaming_run_stops_the_model(real_lm):
         handlers.run = original
 
 
-def test_run_tickets_stop_only_older_runs_of_the_same_session():
+def test_run_tickets_stop_older_runs_and_runs_of_programs_the_editor_left():
     from app.session import RunTickets
 
     tickets = RunTickets(capacity=2)
-    first, other = tickets.issue("a"), tickets.issue("b")
+    first, other = tickets.start("a", "0-29"), tickets.start("b", "0-29")
     assert not first() and not other()
-    second = tickets.issue("a")
+    second = tickets.start("a", "0-19", claim=True)  # Run with a program typed without Enter
     assert first() and not second() and not other()
-    tickets.issue("c")
-    tickets.issue("d")  # over capacity: "a" and "b" are forgotten, so their runs stop
-    assert second() and other()
+    tickets.edited("a", "0-9")
+    assert second()  # an edit stops the run in progress
+    assert tickets.start("a", "0-19") is None  # an auto-run of a program the editor no longer holds
+    third = tickets.start("a", "0-9")
+    assert not third()
+    tickets.edited("c", "0-29")
+    tickets.edited("d", "0-29")  # over capacity: "a" and "b" are forgotten, so their runs stop
+    assert third() and other()
 
 
 @pytest.mark.real_model
@@ -365,25 +399,26 @@ def test_evaluate_checks_its_inputs():
         H.evaluate_family(build_tiny("llama"), "capitals", 0, 1)
 
 
-def test_learn_examples_match_their_measured_facts():
-    """The tour's text is backed by facts measured on the default model (app/curate_examples.py)."""
-    examples = {ex["kind"]: ex for ex in H.learn_examples()}
+@pytest.mark.parametrize("model, depth", [("smollm2-135m-instruct", D), ("gemma3-270m", 18)])
+def test_learn_examples_match_their_measured_facts(model, depth):
+    """The tour's text is backed by facts measured on each model (app/curate_examples.py)."""
+    examples = {ex["kind"]: ex for ex in H.learn_examples(model)}
     assert set(examples) == {"skip", "break", "fix", "emerge"}
     for ex in examples.values():
         H.check_prompt(ex["prompt"])
-        H.parse_program(ex["program"], D)
+        H.parse_program(ex["program"], depth)
     skip = examples["skip"]
-    assert list(Program.parse(skip["program"], D).skipped_layers()) == skip["facts"]["skipped"]
+    assert list(Program.parse(skip["program"], depth).skipped_layers()) == skip["facts"]["skipped"]
     assert skip["facts"]["answer"] in skip["explanation"]
     assert examples["fix"]["facts"]["full_answer"] != examples["fix"]["facts"]["fixed_answer"]
 
 
 @pytest.mark.real_model
 def test_evaluate_a_family(real_lm):
-    table, report, fig = H.evaluate_family(real_lm, "capitals", 5, 6)
+    table, report, fig, notes = H.evaluate_family(real_lm, "capitals", 5, 6)
     assert table.iloc[0]["method"] == "Full program" and len(table) >= 2
-    assert "| Method" in report
-    assert len([t for t in fig.data if t.mode == "markers+text"]) == len(table)
+    assert "| Method" in report and "Static" in notes  # the notes show on the page, not only in the report
+    assert len([t for t in fig.data if t.mode in ("markers", "markers+text")]) == len(table)
     static = table[table["method"].str.contains("@")]
     # Guards baselines that ran "@ 30" as the full program when the router keeps every layer.
     assert len(static) == 3 and all(float(x) < real_lm.num_layers for x in static["layer calls/token"])
@@ -396,3 +431,101 @@ def test_redundancy_presets_use_the_shipped_measurement(real_lm):
     assert shortgpt.layer_calls == 27 and len(shortgpt.skipped_layers()) == 3
     skipped = gromov.skipped_layers()
     assert len(skipped) == 4 and skipped == tuple(range(skipped[0], skipped[0] + 4))  # one block
+
+
+# ------------------------------------------------ what the page shows, and its data
+@pytest.mark.real_model
+def test_a_free_text_answer_that_contains_the_expected_one_is_right(real_lm):
+    """Regression: "The capital of France is Paris." was ✗ against "Paris" for every program."""
+    view = H.run(real_lm, Session(), "What is the capital of France?", "full", "Paris")
+    assert "Paris" in view.full.text and view.full.correct is True
+    assert view.rule_text == "contains “Paris”" and view.stamp.rule == "contains"
+    assert H.answer_heading("Full program", view.full, view.rule_text).endswith("✓ right — contains “Paris”")
+    exact = H.run(real_lm, Session(), "What is the capital of France?", "full", "Paris", exact=True)
+    assert exact.full.correct is False and exact.rule_text == "is “Paris” (exact)"
+
+
+@pytest.mark.real_model
+def test_answers_are_decoded_whole(real_lm):
+    """Regression: answers decoded token by token showed an emoji as '�����'."""
+    view = H.run(real_lm, Session(), "Repeat exactly: 🎉🐱🚀", "full")
+    assert "🎉🐱🚀" in view.full.text
+    assert "\ufffd" not in "".join(text for text, _ in view.full.spans)
+
+
+@pytest.mark.real_model
+def test_the_lens_of_the_full_program_shows_a_token_on_every_step(real_lm, capital):
+    """Regression: over 24 steps the lens drew no token text; the full program has 30."""
+    lens = H.run(real_lm, Session(), capital[0], "full", capital[1]).figures["logit_lens"]
+    (cells,) = lens.data
+    assert cells.texttemplate == "%{text}" and len(cells.text) == 30
+    assert all(row[0] for row in cells.text) and len(lens.layout.yaxis.ticktext) == 30
+    assert any(shape.line.color == "#D62728" for shape in lens.layout.shapes)  # the answer token outlined
+
+
+@pytest.mark.real_model
+def test_a_run_record_holds_the_data_behind_every_chart(real_lm, capital):
+    view = H.run(real_lm, Session(), capital[0], "0-2, 4-24, 27-29", capital[1])
+    table = H.step_table(view.analysis)
+    assert len(table) == 27 and list(table["layer"][:4]) == [0, 1, 2, 4]
+    for column in ("block_influence", "cos_to_full_same_layer", "top1_token", "top5_prob", "answer_token_prob",
+                   "expected_token_rank", "similarity_to_emb", "similarity_to_s27·L29"):
+        assert column in table.columns, column
+    record = H.run_record(view)
+    text = json.dumps(record, allow_nan=False)  # strict JSON: no NaN
+    assert record["stamp"]["program"] == "0-2, 4-24, 27-29" and record["edited_layers"] == 27
+    assert len(record["data"]["similarity"]["matrix"]) == 28 and len(record["data"]["steps"]) == 27
+    assert len(record["data"]["full_program"]["answer_token_prob"]) == 30
+    assert len(text) < 200_000
+
+
+def test_preset_fields_show_only_when_the_preset_uses_them():
+    from app import ui
+
+    visible = lambda preset: [u["visible"] for u in ui.on_preset_choice(preset)]  # noqa: E731 (n, a, b, r)
+    assert visible("full") == [False, False, False, False]
+    assert visible("shortgpt") == [True, False, False, False]
+    assert visible("skip") == [False, True, True, False]
+    assert visible("loop") == [False, True, True, True]
+    assert ui.on_preset_choice("early_exit")[0]["label"].startswith("k")
+
+
+@pytest.mark.real_model
+def test_row_picks_take_a_row_index(real_lm):
+    import gradio as gr
+
+    from app import ui
+
+    table = {"headers": ["rank", "program"], "data": [[1, "0-29"], [2, "0-19"]]}
+    text, *_ = ui.on_pick_row(table, 1, None)
+    assert text == "0-19"
+    for row in (2, -1, "x"):
+        with pytest.raises(gr.Error, match="row"):
+            ui.on_pick_row(table, row, None)
+
+
+@pytest.mark.real_model
+def test_a_bad_grid_cell_is_reset_with_a_warning_not_an_error(real_lm):
+    """Regression: times=9 left 9 in the cell and an error badge on the page."""
+    from app import ui
+
+    rows = [[i, True, 9 if i == 5 else 1] for i in range(D)]
+    with pytest.warns(UserWarning, match="whole number 1–4"):
+        text, grid, *_ = ui.on_grid_page(rows, "0-19", None)
+    assert text == "0-19" and [r[2] for r in grid] == [1] * D and [r[1] for r in grid].count(True) == 20
+    text, grid, *_ = ui.on_grid_page([[i, i != 3, 1] for i in range(D)], "0-29", None)
+    assert text == "0-2, 4-29" and grid == {"__type__": "update"}  # a valid grid is left as the user left it
+
+
+def test_the_same_lesson_compares_the_two_models():
+    """Both models' skip lessons ask the same question, so their redundancy compares directly."""
+    smol, gemma = ({ex["kind"]: ex for ex in H.learn_examples(m)}["skip"] for m in H.lesson_models())
+    assert H.lesson_models()[0] == "smollm2-135m-instruct"
+    assert smol["facts"]["item"] == gemma["facts"]["item"]
+    assert smol["facts"]["skipped"] != gemma["facts"]["skipped"]
+
+
+@pytest.mark.real_model
+def test_the_status_line_of_a_base_model_says_how_it_is_prompted_and_carries_its_notice(real_gemma):
+    line = H.model_status(real_gemma)
+    assert "gemma3_text" in line and "Question: …⏎Answer:" in line and "Gemma Terms of Use" in line

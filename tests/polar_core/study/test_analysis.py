@@ -148,6 +148,16 @@ def test_first_top1_and_stays_top1():
     assert analysis._first_top1(torch.tensor([2, 2])) == (None, None)
 
 
+def test_word_marks_highlight_whole_words():
+    """Answers were highlighted token by token: a changed number showed as "7 1", words split."""
+    full, edited = analysis.word_marks("The answer is 71 apples.", "The answer is 72 🙂 apples.")
+    assert full == [("The answer is ", False), ("71", True), (" apples.", False)]
+    assert edited == [("The answer is ", False), ("72 🙂", True), (" apples.", False)]  # the space joins a changed phrase
+    assert "".join(t for t, _ in edited) == "The answer is 72 🙂 apples."
+    assert analysis.word_marks("same", "same") == ([("same", False)], [("same", False)])
+    assert analysis.word_marks("", "new") == ([], [("new", True)])
+
+
 def test_answer_diff():
     assert answer_diff([4, 5, 6], [4, 5, 6]) == analysis.AnswerDiff(True, None, ())
     d = answer_diff([4, 5, 6, 7], [4, 5, 9, 7], decode=lambda ids: "".join(f"<{i}>" for i in ids))

@@ -298,7 +298,7 @@ def test_prompt_is_deterministic_and_respects_shots():
 
 # ---------------------------------------------------------------------------
 # Measurement entry point (with a stand-in model; the real run is recorded in
-# polar_core/assets/tasks/baseline_accuracy.json).
+# polar_core/assets/baselines/<model>.json).
 
 
 def test_measure_full_accuracy_with_a_stand_in_model(monkeypatch):
@@ -315,12 +315,10 @@ def test_measure_full_accuracy_with_a_stand_in_model(monkeypatch):
     assert len(report["items"]) == 10 and all(r["correct"] for r in report["items"].values())
 
 
-def test_baseline_file_records_its_command():
-    path = tasks.BASELINE_FILE
-    if not path.exists():
-        pytest.skip("baseline not measured yet")
-    data = json.loads(path.read_text())
-    assert data["command"].startswith("python -m polar_core baseline")
-    assert set(data["families"]) <= set(FAMILIES)
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_baseline_file_records_its_command(model):
+    data = json.loads(tasks.baseline_path(model).read_text())
+    assert data["command"].startswith("python -m polar_core baseline") and data["model"] == model
+    assert set(data["families"]) == set(FAMILIES)
     for fam in data["families"].values():
         assert 0 <= fam["accuracy"] <= 1 and fam["n"] > 0
