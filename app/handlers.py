@@ -39,7 +39,7 @@ from polar_core.study.find import find_programs
 from polar_core.study.prompts import PromptStyle, has_chat_template, prompt_style, shown_answer
 from polar_core.study.redundancy import gromov_program, shortgpt_program
 from polar_core.study.router import CONFIG_FILE, RouterError, default_router_path, load_router, predict_programs
-from polar_core.study.suggest import suggest_programs
+from polar_core.study.suggest import MAX_CANDIDATES, suggest_programs
 from polar_core.study.tasks import FAMILIES
 
 MAX_PROMPT_CHARS = 4000
@@ -260,7 +260,7 @@ PREDICT_COLUMNS = ["rank", "program", "layers", "score", "source"]
 ROUTER_SOURCE = "router"
 SUGGESTED_SOURCE = "suggested, verified to keep the full answer"
 PAGE_SUGGESTIONS = 3  # suggestions shown on the page
-PAGE_CANDIDATES = 24  # candidates verified for them (one teacher-forced pass)
+PAGE_CANDIDATES = MAX_CANDIDATES  # verified in one teacher-forced pass: as many as the evaluation verifies
 
 
 def router_folder(lm: LoadedModel) -> Path | None:

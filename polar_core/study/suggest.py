@@ -40,7 +40,7 @@ from polar_core.study.redundancy import gromov_program, layer_redundancy, shortg
 from polar_core.study.scoring import Target, line_end_ids, teacher_forced_scores
 
 ANSWER_TOKENS = 8  # answer tokens a suggestion must reproduce (few-shot answers end sooner, at the newline)
-MAX_CANDIDATES = 32
+MAX_CANDIDATES = 24  # programs verified per prompt: one teacher-forced pass
 
 
 @dataclass(frozen=True)
