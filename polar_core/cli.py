@@ -201,7 +201,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     """Search valid programs for task items (MCTS and/or greedy); save supervision and statistics."""
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     families = args.families or list(tasks.FAMILIES)
-    items = [it for f in families for it in tasks.sample_items(f, args.per_family or None, args.split)]
+    items = search_items(families, args.per_family or None, args.split, skip=args.skip)
     methods = ["mcts", "greedy"] if args.method == "both" else [args.method]
     use_fast = args.fast == "bfloat16" or (args.fast == "auto" and lm.dtype == torch.float32
                                             and native_bfloat16(lm.device))
@@ -234,7 +234,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     stats = {"command": "python -m polar_core " + shlex.join(args.argv), "model": info["name"],
              "device": info["device"], "dtype": info["dtype"], "methods": methods, "budget": args.budget,
              "seed": args.seed, "wave": args.wave, "split": args.split, "families": families,
-             "per_family": args.per_family, "seconds": round(seconds, 1),
+             "per_family": args.per_family, "skip": args.skip, "seconds": round(seconds, 1),
              "scoring": (f"bfloat16 pass, float32 for programs above margin -{CASCADE_MARGIN}" if fast is not None
                          else f"{info['dtype']} teacher forcing"),
              "programs_rescored_float32": cascade.rescored if fast is not None else None,
@@ -268,6 +268,13 @@ def _add_ray_args(parser: argparse.ArgumentParser) -> None:
                         help="spread the work over Ray workers: a cluster address (HOST:PORT, auto), or none "
                              "for a local Ray started for this run")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers, each holding one model (with --ray)")
+
+
+def search_items(families, per_family: int | None, split: str, *, skip: int = 0) -> list[tasks.TaskItem]:
+    """Items `skip` .. `skip + per_family` of each family's fixed sample (all after `skip` when
+    per_family is None): a large search cut into chunks that never overlap and survive one by one."""
+    stop = None if per_family is None else skip + per_family
+    return [it for f in families for it in tasks.sample_items(f, stop, split)[skip:]]
 
 
 class _TwoStageBars:
@@ -389,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--split", default="test", choices=("train", "val", "test"))
     search.add_argument("--families", nargs="*", default=None, help="task families (default: all)")
     search.add_argument("--per-family", type=int, default=10, help="items per family (0 = all)")
+    search.add_argument("--skip", type=int, default=0,
+                        help="skip each family's first SKIP sampled items (a later chunk of a large search)")
     search.add_argument("--method", default="mcts", choices=("mcts", "greedy", "both"))
     search.add_argument("--budget", type=int, default=200, help="MCTS simulations / greedy programs per item")
     search.add_argument("--wave", type=int, default=8, help="MCTS simulations scored per batch")
