@@ -40,6 +40,7 @@ from polar_core.study.find import find_programs
 from polar_core.study.prompts import PromptStyle, has_chat_template, prompt_style, shown_answer
 from polar_core.study.redundancy import gromov_program, shortgpt_program
 from polar_core.study.router import CONFIG_FILE, default_router_path, load_router, predict_programs
+from polar_core.study.suggest import MAX_CANDIDATES, suggest_programs
 from polar_core.study.tasks import FAMILIES
 
 MAX_PROMPT_CHARS = 4000
@@ -261,11 +262,20 @@ def _redundancy_preset(lm: LoadedModel, preset: str, n: int) -> Program:
 # ---------------------------------------------------------------- predict
 @dataclass
 class Prediction:
-    """The router's ranked programs (empty with a message when none is loaded)."""
+    """Ranked programs: the router's (when one is loaded), then training-free
+    suggestions verified to keep the full program's answer."""
 
     programs: list[Program]
-    rows: list[list]  # [rank, program text, layers/token, score]
+    rows: list[list]  # [rank, program text, layers/token, score, source] (PREDICT_COLUMNS)
     message: str
+    sources: list[str] = field(default_factory=list)  # per program: ROUTER_SOURCE or SUGGESTED_SOURCE
+
+
+PREDICT_COLUMNS = ["rank", "program", "layers", "score", "source"]
+ROUTER_SOURCE = "router"
+SUGGESTED_SOURCE = "suggested, verified to keep the full answer"
+PAGE_SUGGESTIONS = 3  # suggestions shown on the page
+PAGE_CANDIDATES = MAX_CANDIDATES  # verified in one teacher-forced pass: as many as the evaluation verifies
 
 
 def router_folder(lm: LoadedModel) -> Path | None:
@@ -298,17 +308,27 @@ def load_router_for(lm: LoadedModel):
         return None, f"its router checkpoint cannot be used: {why}"
 
 
-def predict(lm: LoadedModel, prompt, k: int = 5) -> Prediction:
-    """Top-k programs of the router for this prompt, best first."""
+def predict(lm: LoadedModel, prompt, k: int = 5, suggestions: int = PAGE_SUGGESTIONS) -> Prediction:
+    """The router's top-k programs for this prompt, best first, then up to
+    `suggestions` training-free ones (polar_core.study.suggest), cheapest
+    first, each verified to keep the full program's answer. Without a router
+    the suggestions alone."""
     prompt = check_prompt(prompt)
     router, why = load_router_for(lm)
+    ranked = predict_programs(lm, router, prompt, k=k) if router is not None else []
+    found = suggest_programs(lm, prompt, k=suggestions, max_candidates=PAGE_CANDIDATES) if suggestions else None
+    entries = [(p, float(s), ROUTER_SOURCE) for p, s in ranked]
+    entries += [(s.program, s.margin, SUGGESTED_SOURCE) for s in (found.suggestions if found else [])]
+    rows = [[i + 1, p.format(), p.layer_calls, round(score, 4), source] for i, (p, score, source) in enumerate(entries)]
+    kept = (f" Suggested programs (score: their teacher-forced margin) keep the full program's first "
+            f"{len(found.answer_ids)} answer tokens; finding them ran the full program.") if found and found.suggestions else ""
     if router is None:
-        return Prediction([], [], f"No router loaded for this model ({why}): try a preset, or search for programs.")
-    ranked = predict_programs(lm, router, prompt, k=k)
-    rows = [[i + 1, p.format(), p.layer_calls, round(float(s), 4)] for i, (p, s) in enumerate(ranked)]
-    return Prediction([p for p, _ in ranked], rows,
-                      f"Router top-{len(ranked)}: click a row to load it. Top-1 is what a deployment would run. "
-                      "**Score**: the router's log-probability of the program (≤ 0; higher = more confident).")
+        message = f"No router loaded for this model ({why})." + (kept or " No shorter program kept the full answer: "
+                                                                   "try a preset, or search for programs.")
+    else:
+        message = (f"Router top-{len(ranked)}: click a row to load it. Top-1 is what a deployment would run. "
+                   "**Score**: the router's log-probability of the program (≤ 0; higher = more confident)." + kept)
+    return Prediction([p for p, _, _ in entries], rows, message, [src for _, _, src in entries])
 
 
 # -------------------------------------------------------------------- run

@@ -640,15 +640,15 @@ def _prompt_column():
 
 
 def _side_column():
-    """The loaded lesson's card (hidden when none is loaded) and the router's ranking."""
+    """The loaded lesson's card (hidden when none is loaded), the router's ranking and the suggestions."""
     with gr.Column(scale=4, min_width=300):
         lesson = gr.Markdown(visible=False, elem_id="lesson")
-        gr.Markdown("#### Router's ranked programs")
-        table = gr.Dataframe(headers=["rank", "program", "layers", "score (log-prob)"],
-                             datatype=["number", "str", "number", "number"],
+        gr.Markdown("#### Router's ranked programs, then suggestions")
+        table = gr.Dataframe(headers=H.PREDICT_COLUMNS, datatype=["number", "str", "number", "number", "str"],
                              interactive=False, type="array", max_height=220, elem_id="predictions")
-        message = gr.Markdown("Press **Predict program** to ask the router. Its score is the log-probability it "
-                              "gives a program: ≤ 0, higher = more confident.", elem_id="predict-message")
+        message = gr.Markdown("Press **Predict program** to ask the router; its score is the log-probability it "
+                              "gives a program (≤ 0, higher = more confident). Programs marked *suggested* need no "
+                              "router and are verified to keep the full program's answer.", elem_id="predict-message")
     return lesson, table, message
 
 

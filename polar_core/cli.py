@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from polar_core.engine.generate import Stopping, generate
@@ -22,11 +23,12 @@ from polar_core.program import Program
 from polar_core.study import tasks
 from polar_core.study.analysis import analyze
 from polar_core.study.evaluate import measure_full_accuracy, run_evaluation
-from polar_core.study.find import search_task_items, summarize
+from polar_core.study.find import DECODE_MARGIN, RECHECK_TOTAL, search_task_items, summarize
 from polar_core.study.prompts import PromptStyle, prompt_style, shown_answer
 from polar_core.study.redundancy import measure_redundancy, save_redundancy
 from polar_core.study.router import RouterConfig, default_router_path, load_router, save_router, train_router
-from polar_core.study.supervision import SupervisionSample, load_supervision, save_supervision
+from polar_core.study.scoring import CASCADE_MARGIN, CascadeStats, bfloat16_twin, native_bfloat16
+from polar_core.study.supervision import SupervisionSample, load_supervision, merge_samples, save_supervision
 from polar_core.study.tables import report_markdown
 
 # Errors a user can cause; anything else is a bug and keeps its traceback.
@@ -141,17 +143,17 @@ def _cmd_redundancy(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     """Train a router on a supervision file and save it (config.json + model.safetensors)."""
     lm = load_model(args.model, device=args.device)
-    samples = load_supervision(args.supervision, lm.num_layers)
+    samples = merge_samples(*(load_supervision(path, lm.num_layers) for path in args.supervision))
     if args.exclude_family:
         family = {it.question: it.family for it in tasks.load_suite()}
         samples = [s for s in samples if family.get(s.question) != args.exclude_family]
-    config = dataclasses.replace(RouterConfig.for_model(lm), feature_layer=args.feature_layer)
+    config = dataclasses.replace(RouterConfig.for_model(lm), feature_layer=args.feature_layer, pooled=args.pooled)
     router = train_router(lm, samples, config, epochs=args.epochs, seed=args.seed, lr=args.lr)
     out = save_router(router, args.out)
     losses = router.loss_history
     # Provenance beside the checkpoint; load_router reads only config.json and the weights.
     (out / "training.json").write_text(json.dumps({
-        "command": f"python -m polar_core {shlex.join(args.argv)}", "supervision": str(args.supervision),
+        "command": f"python -m polar_core {shlex.join(args.argv)}", "supervision": [str(p) for p in args.supervision],
         "samples": len(samples), "excluded_family": args.exclude_family, "epochs": args.epochs, "seed": args.seed,
         "lr": args.lr, "parameters": router.num_parameters(), "loss_per_epoch": [round(x, 4) for x in losses],
     }, indent=1) + "\n")
@@ -166,7 +168,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     router_dir = args.router or default_router_path(lm.name)
     router = load_router(router_dir, lm)
     test = load_supervision(args.supervision_test, lm.num_layers) if args.supervision_test else None
-    train = load_supervision(args.supervision_train, lm.num_layers) if args.supervision_train else None
+    train = (merge_samples(*(load_supervision(p, lm.num_layers) for p in args.supervision_train))
+             if args.supervision_train else None)
     # The held-out-family router repeats the shipped router's training recipe (training.json).
     recipe_file = Path(router_dir) / "training.json"
     recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
@@ -174,10 +177,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tables = run_evaluation(lm, router, split=args.split, test_samples=test, train_samples=train,
                                 ood_family=args.ood_family, k=args.k, per_family=args.per_family or None,
                                 epochs=args.epochs or recipe.get("epochs", 40), seed=recipe.get("seed", args.seed),
-                                lr=recipe.get("lr", 1e-3), fallback=args.fallback, pool=pool)
+                                lr=recipe.get("lr", 1e-3), fallback=args.fallback, suggestions=args.suggestions,
+                                leave_one_out=args.leave_one_out,
+                                held_out_families=tasks.HELD_OUT_FAMILIES if args.held_out_families else (),
+                                held_out_per_family=args.held_out_per_family or None, pool=pool)
     header = (f"Command: `python -m polar_core {shlex.join(args.argv)}`\n\n"
               f"Model: {lm.name} ({lm.num_layers} layers, {lm.device}); router: `{router_dir}` "
-              f"({router.num_parameters():,} parameters, features at layer {router.config.feature_layer}).\n")
+              f"({router.num_parameters():,} parameters, features at layer {router.config.feature_layer}"
+              f"{', pooled' if router.config.pooled else ''}).\n")
     text = report_markdown(tables, header)
     if args.out:
         Path(args.out).write_text(text)
@@ -194,15 +201,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
     """Search valid programs for task items (MCTS and/or greedy); save supervision and statistics."""
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     families = args.families or list(tasks.FAMILIES)
-    items = [it for f in families for it in tasks.sample_items(f, args.per_family or None, args.split)]
+    items = search_items(families, args.per_family or None, args.split, skip=args.skip)
     methods = ["mcts", "greedy"] if args.method == "both" else [args.method]
+    use_fast = args.fast == "bfloat16" or (args.fast == "auto" and lm.dtype == torch.float32
+                                            and native_bfloat16(lm.device))
+    fast = bfloat16_twin(lm) if use_fast else None
+    cascade = CascadeStats()
     started = time.perf_counter()
-    settings = dict(methods=methods, budget=args.budget, seed=args.seed, wave=args.wave)
+    settings = dict(methods=methods, budget=args.budget, seed=args.seed, wave=args.wave,
+                    recheck_invalid=args.recheck_invalid, recheck_total=args.recheck_total,
+                    decode_margin=args.decode_margin)
     with _TwoStageBars(len(items) * len(methods)) as bars, _ray_pool(args) as pool:
         if pool is None:
-            records = search_task_items(lm, items, **settings, progress=bars.search, check_progress=bars.check)
+            records = search_task_items(lm, items, **settings, fast=fast, cascade=cascade,
+                                        progress=bars.search, check_progress=bars.check)
         else:  # a bar of items, as chunks come back from the workers (searched and checked there)
             bars.searches.reset(total=len(items))
+            # Workers score in float32 (no bfloat16 twin travels to them); --recheck-total caps each chunk.
+            fast = None
             records = pool.search_task_items(items, chunk=args.chunk, progress=bars.search, **settings)
     seconds = time.perf_counter() - started
     by_id = {it.id: it for it in items}
@@ -218,7 +234,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     stats = {"command": "python -m polar_core " + shlex.join(args.argv), "model": info["name"],
              "device": info["device"], "dtype": info["dtype"], "methods": methods, "budget": args.budget,
              "seed": args.seed, "wave": args.wave, "split": args.split, "families": families,
-             "per_family": args.per_family, "seconds": round(seconds, 1), **summarize(records, lm.num_layers),
+             "per_family": args.per_family, "skip": args.skip, "seconds": round(seconds, 1),
+             "scoring": (f"bfloat16 pass, float32 for programs above margin -{CASCADE_MARGIN}" if fast is not None
+                         else f"{info['dtype']} teacher forcing"),
+             "programs_rescored_float32": cascade.rescored if fast is not None else None,
+             "decode_margin": args.decode_margin, "recheck_invalid": args.recheck_invalid,
+             "recheck_total": args.recheck_total,
+             **summarize(records, lm.num_layers),
              "item_ids": [r.item_id for r in records]}
     stats_path = Path(args.stats) if args.stats else out.with_suffix(".stats.json")
     stats_path.write_text(json.dumps(stats, indent=1) + "\n")
@@ -246,6 +268,13 @@ def _add_ray_args(parser: argparse.ArgumentParser) -> None:
                         help="spread the work over Ray workers: a cluster address (HOST:PORT, auto), or none "
                              "for a local Ray started for this run")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers, each holding one model (with --ray)")
+
+
+def search_items(families, per_family: int | None, split: str, *, skip: int = 0) -> list[tasks.TaskItem]:
+    """Items `skip` .. `skip + per_family` of each family's fixed sample (all after `skip` when
+    per_family is None): a large search cut into chunks that never overlap and survive one by one."""
+    stop = None if per_family is None else skip + per_family
+    return [it for f in families for it in tasks.sample_items(f, stop, split)[skip:]]
 
 
 class _TwoStageBars:
@@ -327,12 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     red.set_defaults(func=_cmd_redundancy)
 
     train = commands.add_parser("train", help="train a router on a supervision file")
-    train.add_argument("--supervision", required=True, help="supervision JSON (the reference's format)")
+    train.add_argument("--supervision", required=True, nargs="+",
+                       help="supervision JSON files (the reference's format); several are merged by question")
     train.add_argument("--out", required=True, help="folder to write config.json and model.safetensors to")
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--feature-layer", type=int, default=0, help="0 = token embeddings; k = after k layers")
+    train.add_argument("--pooled", action="store_true", help="also give every layer query the prompt's mean feature")
     train.add_argument("--exclude-family", default=None, help="leave a task family out of training")
     _add_model_args(train)
     train.set_defaults(func=_cmd_train)
@@ -341,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.add_argument("--router", default=None, help="router folder (default: the shipped one)")
     ev.add_argument("--supervision-test", default=None, help="search results for the split (search oracle)")
-    ev.add_argument("--supervision-train", default=None, help="training file, to train the held-out-family router")
+    ev.add_argument("--supervision-train", default=None, nargs="+",
+                    help="training files (merged), to train the held-out-family and leave-one-out routers")
     ev.add_argument("--ood-family", default=None, help="family to hold out of a second router's training")
     ev.add_argument("--k", type=int, default=5)
     ev.add_argument("--per-family", type=int, default=0, help="items per family (0 = all)")
@@ -349,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the shipped router's, from its training.json)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--fallback", action="store_true", help="add top-1 with a full-program fallback tuned on val")
+    ev.add_argument("--suggestions", action="store_true", help="add the training-free suggestions (polar_core.study.suggest)")
+    ev.add_argument("--leave-one-out", action="store_true",
+                    help="train a router without each family in turn and evaluate it on that family")
+    ev.add_argument("--held-out-families", action="store_true",
+                    help=f"also evaluate on the question families no router saw ({', '.join(tasks.HELD_OUT_FAMILIES)})")
+    ev.add_argument("--held-out-per-family", type=int, default=40, help="items per held-out family (0 = all)")
     ev.add_argument("--out", default=None, help="markdown file to write")
     _add_model_args(ev)
     _add_ray_args(ev)
@@ -358,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--split", default="test", choices=("train", "val", "test"))
     search.add_argument("--families", nargs="*", default=None, help="task families (default: all)")
     search.add_argument("--per-family", type=int, default=10, help="items per family (0 = all)")
+    search.add_argument("--skip", type=int, default=0,
+                        help="skip each family's first SKIP sampled items (a later chunk of a large search)")
     search.add_argument("--method", default="mcts", choices=("mcts", "greedy", "both"))
     search.add_argument("--budget", type=int, default=200, help="MCTS simulations / greedy programs per item")
     search.add_argument("--wave", type=int, default=8, help="MCTS simulations scored per batch")
@@ -367,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", required=True, help="supervision JSON to write")
     search.add_argument("--stats", default=None, help="statistics JSON (default: OUT with .stats.json)")
     search.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the model's default)")
+    search.add_argument("--fast", default="auto", choices=("auto", "bfloat16", "none"),
+                        help="score with a bfloat16 twin first, float32 where it is not clearly invalid "
+                             "(auto: on a float32 model where bfloat16 is native)")
+    search.add_argument("--recheck-invalid", type=int, default=1,
+                        help="teacher-forced invalid programs per item re-checked by decoding (agreement statistic)")
+    search.add_argument("--recheck-total", type=int, default=RECHECK_TOTAL,
+                        help="at most this many re-checked invalid programs in all (per chunk with --ray)")
+    search.add_argument("--decode-margin", type=float, default=DECODE_MARGIN,
+                        help="decode teacher-forced valid programs whose margin is below this (inf: all)")
     search.add_argument("--chunk", type=int, default=16, help="items per Ray work unit (with --ray)")
     _add_model_args(search)
     _add_ray_args(search)

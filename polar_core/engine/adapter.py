@@ -166,6 +166,29 @@ class Adapter:
                 masks[layer_type] = _additive_mask(key_mask, q_start, q_len, window, hidden.dtype)
         return Positions(position_ids, masks, self.position_embeddings(hidden, position_ids))
 
+    def causal_positions(self, hidden: torch.Tensor) -> Positions:
+        """Positions for right-padded rows hidden (B, T, d) that start at
+        position 0: one table of batch 1 that broadcasts over every row.
+
+        Right padding puts pads after a row's real tokens, where causal
+        attention never lets a real token see them, so each row computes
+        exactly what it would alone: no per-row mask, no gathered rotary
+        tables. With SDPA, full attention gets no mask at all (its causal
+        kernel); eager attention and sliding windows get one shared mask.
+        """
+        length = hidden.shape[1]
+        position_ids = torch.arange(length, device=hidden.device)[None]  # (1, T)
+        key_mask = torch.ones(1, length, dtype=torch.long, device=hidden.device)
+        sdpa = getattr(self.model.config, "_attn_implementation", "sdpa") == "sdpa"
+        masks = {}
+        for layer_type in set(self.layer_types):
+            window = self.sliding_window if layer_type == SLIDING_ATTENTION else None
+            if sdpa and (window is None or length <= window):
+                masks[layer_type] = None  # SDPA is causal when it gets no mask
+            else:
+                masks[layer_type] = _additive_mask(key_mask, 0, length, window, hidden.dtype)  # (1, 1, T, T)
+        return Positions(position_ids, masks, self.position_embeddings(hidden[:1], position_ids))
+
     def run_layer(
         self,
         layer: int,

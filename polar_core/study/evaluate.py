@@ -34,6 +34,7 @@ from polar_core.program import Program
 from polar_core.study.checker import check_answer, extract_answer
 from polar_core.study.redundancy import gromov_program, load_redundancy, measure_redundancy, shortgpt_program
 from polar_core.study.router import Router, predict_batch, train_router
+from polar_core.study.suggest import MAX_CANDIDATES, suggest_many
 from polar_core.study.supervision import SupervisionSample
 from polar_core.study.tables import ORACLE_TAG, EvalTable, MethodRow
 from polar_core.study.tasks import FAMILIES, STOP_TEXT, SUITE_VERSION, TaskItem, build_prompt, load_suite, sample_items
@@ -142,6 +143,49 @@ def router_rows(runner: Runner, items, predictions: Sequence[Sequence[tuple[Prog
     best = _row(f"{name} best-of-{k} {ORACLE_TAG}", group, items, chosen, any_ok, depth, oracle=True,
                 best_of_k_of=label, note=f"needs the answer to pick among {k} programs; running them all costs {k}x")
     return top, best
+
+
+SUGGESTIONS_LABEL = "Suggestions top-1 (training-free)"
+
+
+def suggestions_row(runner: Runner, items, programs: Sequence[Program]) -> MethodRow:
+    """The training-free suggestion per item (``polar_core.study.suggest``): the
+    cheapest program verified to keep the full program's answer."""
+    ok = runner.correct(items, list(programs), desc="suggestions")
+    kept = sum(not p.is_full for p in programs)
+    return _row(SUGGESTIONS_LABEL, "suggest", items, list(programs), ok, programs[0].num_layers,
+                note=f"verified to keep the full program's answer (shorter on {kept}/{len(items)} items, else "
+                     "the full program); finding it runs the full program and one teacher-forced pass over "
+                     f"{MAX_CANDIDATES} candidates, so it saves nothing on that input")
+
+
+def suggested_programs(lm: LoadedModel, runner: Runner, items, progress: bool = True) -> list[Program]:
+    """Per item, the cheapest verified suggestion, or the full program when none was verified."""
+    full = Program.full(lm.num_layers)
+    out = []
+    bar = tqdm(total=len(items), desc="suggestions", unit="item", disable=not progress)
+    for lo in range(0, len(items), 16):
+        chunk = items[lo : lo + 16]
+        for found in suggest_many(lm, [runner.prompt(it) for it in chunk], k=1):
+            out.append(found.suggestions[0].program if found.suggestions else full)
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def input_dependence(items: Sequence[TaskItem], programs: Sequence[Program]) -> dict:
+    """How much a predictor's top-1 depends on the input: distinct programs over
+    the items, and per family the distinct programs and the share of items
+    whose program differs from the family's most common one."""
+    by_family: dict[str, list[tuple[int, ...]]] = {}
+    for item, program in zip(items, programs):
+        by_family.setdefault(item.family, []).append(program.path)
+    families = {}
+    for family, paths in sorted(by_family.items()):
+        mode = max(set(paths), key=paths.count)
+        families[family] = {"n": len(paths), "distinct": len(set(paths)),
+                            "differs_from_mode": round(sum(p != mode for p in paths) / len(paths), 4)}
+    return {"items": len(items), "distinct_top1": len({p.path for p in programs}), "by_family": families}
 
 
 def fallback_programs(predictions, threshold: float) -> list[Program]:
@@ -266,9 +310,12 @@ def evaluate_items(
     calibration_prompts: Sequence[str] = (),
     static: bool = True,
     notes: Sequence[str] = (),
+    suggested: Sequence[Program] | None = None,
 ) -> EvalTable:
-    """One table: the full program, each router (top-1, then best-of-k), static
-    baselines at the first router's average depth, and the search oracle."""
+    """One table: the full program, each router (top-1, then best-of-k), the
+    training-free suggestions (``suggested``: one program per item), static
+    baselines at the average depth of the first router's deployable rows and
+    of the suggestions, and the search oracle."""
     if not items:
         raise ValueError("no items to evaluate")
     depth = runner.lm.num_layers
@@ -283,6 +330,9 @@ def evaluate_items(
             rows.append(fallback_row(runner, items, r.predictions, r.name, r.fallback, r.group, r.fallback_note))
             if i == 0:
                 deployable.append(rows[-1])
+    if suggested is not None:
+        rows.append(suggestions_row(runner, items, suggested))
+        deployable.append(rows[-1])
     notes = list(notes)
     drops = sorted({max(0, round(depth - d.layer_calls)) for d in deployable}) if static else []
     for drop in drops:
@@ -303,8 +353,9 @@ def evaluate_items(
     return EvalTable(title, tuple(rows), tuple(notes))
 
 
-def family_table(runner: Runner, items, predictions, title: str) -> EvalTable:
-    """Per family: full program vs router top-1 (no oracle rows)."""
+def family_table(runner: Runner, items, predictions, title: str,
+                 suggested: Sequence[Program] | None = None) -> EvalTable:
+    """Per family: full program vs router top-1 (and the suggestions), no oracle rows."""
     depth = runner.lm.num_layers
     rows = []
     for family in sorted({it.family for it in items}):
@@ -313,8 +364,48 @@ def family_table(runner: Runner, items, predictions, title: str) -> EvalTable:
         full = [Program.full(depth)] * len(idx)
         top1 = [predictions[i][0][0] for i in idx]
         rows.append(_row(f"{family}: full", family, fam_items, full, runner.correct(fam_items, full), depth))
-        rows.append(_row(f"{family}: router top-1", family, fam_items, top1, runner.correct(fam_items, top1), depth))
+        rows.append(_row(f"{family}: router top-1", family, fam_items, top1, runner.correct(fam_items, top1), depth,
+                         note=f"{len(set(p.path for p in top1))} distinct programs"))
+        if suggested is not None:
+            mine = [suggested[i] for i in idx]
+            rows.append(_row(f"{family}: suggestions top-1", family, fam_items, mine, runner.correct(fam_items, mine),
+                             depth))
     return EvalTable(title, tuple(rows))
+
+
+def leave_one_out_table(setting: "_Setting", router: Router, items, main_predictions, train_samples,
+                        families: Sequence[str], *, epochs: int, seed: int, lr: float, progress: bool) -> EvalTable:
+    """For each family, a router trained without it, on that family's items,
+    beside the full program and the main router (which saw it); then all
+    families together (each item predicted by the router that never saw its family)."""
+    depth = setting.lm.num_layers
+    runner = setting.runner
+    rows, lofo_all, main_all, order = [], [], [], []
+    suite_family = _family_of(train_samples, load_suite())
+    for family in families:
+        kept = [s for s, fam in zip(train_samples, suite_family) if fam != family]
+        held_out = train_router(setting.lm, kept, router.config, epochs=epochs, seed=seed, lr=lr, progress=progress)
+        idx = [i for i, it in enumerate(items) if it.family == family]
+        fam_items = [items[i] for i in idx]
+        lofo = [p[0][0] for p in predict_items(setting.lm, held_out, runner, fam_items, 1)]
+        main = [main_predictions[i][0][0] for i in idx]
+        full = [Program.full(depth)] * len(idx)
+        rows.append(_row(f"{family}: full", family, fam_items, full, runner.correct(fam_items, full), depth))
+        rows.append(_row(f"{family}: router trained without {family}, top-1", family, fam_items, lofo,
+                         runner.correct(fam_items, lofo), depth, note=f"{len(kept)} training samples"))
+        rows.append(_row(f"{family}: main router top-1 (saw {family})", family, fam_items, main,
+                         runner.correct(fam_items, main), depth))
+        lofo_all += lofo
+        main_all += main
+        order += fam_items
+    full = [Program.full(depth)] * len(order)
+    rows.append(_row("All families: full", "all", order, full, runner.correct(order, full), depth))
+    rows.append(_row("All families: router that never saw the item's family, top-1", "all", order, lofo_all,
+                     runner.correct(order, lofo_all), depth))
+    rows.append(_row("All families: main router top-1", "all", order, main_all, runner.correct(order, main_all), depth))
+    return EvalTable(f"Leave one family out ({setting.split} split)", tuple(rows), (
+        f"Each 'trained without' router repeats the main router's recipe ({epochs} epochs, lr {lr}, seed {seed}) "
+        "on the training file minus one family's samples; it is evaluated on that family only.",))
 
 
 # --------------------------------------------------------------------------
@@ -364,6 +455,10 @@ def run_evaluation(
     calibration: int = 32,
     max_new_tokens: int = 8,
     fallback: bool = False,
+    suggestions: bool = False,
+    leave_one_out: bool = False,
+    held_out_families: Sequence[str] = (),
+    held_out_per_family: int | None = None,
     progress: bool = True,
     pool=None,
 ) -> list[EvalTable]:
@@ -377,6 +472,11 @@ def run_evaluation(
             redundancy, when none is shipped.
         fallback: add a deployable "top-1, full-program fallback" row whose
             threshold is tuned on the val split (never on the evaluated split).
+        suggestions: add the training-free suggestions (``polar_core.study.suggest``).
+        leave_one_out: with `train_samples`, a router trained without each
+            family in turn, evaluated on that family (one table).
+        held_out_families: question families no router saw (``tasks.HELD_OUT_FAMILIES``):
+            a table over up to `held_out_per_family` items of each, every split.
         pool: generate on these Ray workers (polar_core.study.distributed);
             the tables are the same.
     """
@@ -389,15 +489,47 @@ def run_evaluation(
         val_items=[it for fam in FAMILIES for it in sample_items(fam, per_family, "val")] if fallback else [])
     preds = predict_items(lm, router, runner, items, k)
     main = setting.under_test("Router", router, preds)
-    note = f"{len(items)} {split}-split items of {len(FAMILIES)} families; greedy, {max_new_tokens} new tokens max"
-    tables = _split_tables(setting, items, main, test_samples, note)
+    suggested = suggested_programs(lm, runner, items, progress) if suggestions else None
+    dependence = input_dependence(items, [p[0][0] for p in preds])
+    note = (f"{len(items)} {split}-split items of {len(FAMILIES)} families; greedy, {max_new_tokens} new tokens max. "
+            f"Input dependence of the router's top-1: {dependence['distinct_top1']} distinct programs over the "
+            f"{len(items)} items.")
+    tables = _split_tables(setting, items, main, test_samples, note, suggested)
+    tables[0] = dataclasses.replace(tables[0], facts={"router_top1_input_dependence": dependence})
     if ood_family and train_samples is not None:
         tables.append(_held_out_table(setting, router, items, main, train_samples, test_samples, ood_family,
                                       epochs=epochs, seed=seed, lr=lr, progress=progress))
+    if leave_one_out and train_samples is not None:
+        tables.append(leave_one_out_table(setting, router, items, preds, train_samples, FAMILIES, epochs=epochs,
+                                          seed=seed, lr=lr, progress=progress))
+    if held_out_families:
+        tables += _new_families_tables(setting, router, held_out_families, held_out_per_family, suggestions)
     return tables
 
 
-def _split_tables(setting: _Setting, items, main: RouterUnderTest, test_samples, note: str) -> list[EvalTable]:
+def _new_families_tables(setting: "_Setting", router: Router, families: Sequence[str], per_family: int | None,
+                         suggestions: bool) -> list[EvalTable]:
+    """Question families no router saw: every method on up to `per_family` items of each (all splits)."""
+    for family in families:
+        if family in FAMILIES:
+            raise ValueError(f"{family!r} is a searched family, not a held-out one")
+    items = [it for fam in families for it in sample_items(fam, per_family)]
+    preds = predict_items(setting.lm, router, setting.runner, items, setting.k)
+    suggested = suggested_programs(setting.lm, setting.runner, items) if suggestions else None
+    dependence = input_dependence(items, [p[0][0] for p in preds])
+    main = evaluate_items(
+        setting.runner, items, [RouterUnderTest("Router", preds)], k=setting.k,
+        title=f"New question families no router saw ({', '.join(families)})",
+        calibration_prompts=setting.calibration_prompts, suggested=suggested,
+        notes=[f"{len(items)} items ({per_family or 'all'} per family, every split: no router or search saw "
+               f"these families). Router top-1: {dependence['distinct_top1']} distinct programs."])
+    main = dataclasses.replace(main, facts={"router_top1_input_dependence": dependence})
+    per = family_table(setting.runner, items, preds, "New question families, per family", suggested)
+    return [main, per]
+
+
+def _split_tables(setting: _Setting, items, main: RouterUnderTest, test_samples, note: str,
+                  suggested: Sequence[Program] | None = None) -> list[EvalTable]:
     """The main table, the items the search file covers (when it covers only some), the per-family table."""
     runner, split, k, calib = setting.runner, setting.split, setting.k, setting.calibration_prompts
     searched = set() if test_samples is None else {s.question for s in test_samples}
@@ -405,8 +537,10 @@ def _split_tables(setting: _Setting, items, main: RouterUnderTest, test_samples,
     complete = test_samples is not None and len(covered) == len(items)
     tables = [
         evaluate_items(runner, items, [main], k=k, title=f"All families ({split} split)",
-                       search_samples=test_samples if complete else None, calibration_prompts=calib, notes=[note]),
-        family_table(runner, items, main.predictions, f"Per family: full program vs router top-1 ({split} split)"),
+                       search_samples=test_samples if complete else None, calibration_prompts=calib, notes=[note],
+                       suggested=suggested),
+        family_table(runner, items, main.predictions, f"Per family: full program vs router top-1 ({split} split)",
+                     suggested),
     ]
     if covered and not complete:
         # The search file covers only some items: compare every method on exactly those.
@@ -415,6 +549,7 @@ def _split_tables(setting: _Setting, items, main: RouterUnderTest, test_samples,
         tables.insert(1, evaluate_items(
             runner, sub, [sub_router], k=k, title=f"Items with search results ({len(sub)} of {len(items)})",
             search_samples=test_samples, calibration_prompts=calib,
+            suggested=None if suggested is None else [suggested[i] for i in covered],
             notes=["The search oracle needs search results; the test supervision file covers these items, "
                    "so every method is compared on them alone (same router, same threshold)."]))
     return tables

@@ -22,18 +22,30 @@ from polar_core.study.analysis import expected_token_ids
 from polar_core.study.checker import check_answer, extract_answer
 from polar_core.study.prompts import prompt_style, shown_answer
 from polar_core.study.scoring import (
+    CascadeStats,
     Target,
+    cascade_scores,
     decode_many,
     decode_programs,
     line_end_ids,
     make_scorer,
     reference_target,
-    teacher_forced_scores,
 )
 from polar_core.study.search import LayerPath, SearchError, make_search, run_searches
 from polar_core.study.tasks import STOP_TEXT, TaskItem, build_prompt
 
 # ---------------------------------------------------------------- task items
+
+MAX_NEW_TOKENS = 8  # tokens decoded per answer (the suite's answers are short)
+# A teacher-forced valid program is decoded only when its margin (the wanted
+# token's logit minus the best other's, at its closest position) is below this.
+# Teacher forcing and cached decoding compute the same greedy choices; they
+# differ by float rounding between batch shapes, measured ~1e-4 logits here.
+DECODE_MARGIN = 0.5
+# Invalid programs decoded per search run to measure teacher forcing against
+# decoding on them (they disagree when the checker accepts another answer,
+# ~1 in 1,000 before): a sample of this size is enough, and each costs a decode.
+RECHECK_TOTAL = 64
 
 
 @dataclass
@@ -51,6 +63,8 @@ class ItemRecord:
     tf_invalid_checked: int  # teacher-forced invalid programs re-checked by decoding
     tf_invalid_accepted: int  # ... that decoding accepts (the checker allows more)
     seen_by: dict[str, set[LayerPath]] = field(default_factory=dict)  # method -> paths it looked at
+    # Teacher-forced valid programs checked by decoding (None: all of them); the rest had a clear margin.
+    tf_valid_decoded: int | None = None
 
     @property
     def has_shorter(self) -> bool:
@@ -62,6 +76,7 @@ class _Seen:
     """What the searches of one item looked at: verdicts (shared by methods), order, cost."""
 
     verdicts: dict[LayerPath, bool] = field(default_factory=dict)
+    margins: dict[LayerPath, float] = field(default_factory=dict)
     order: dict[LayerPath, None] = field(default_factory=dict)
     by_method: dict[str, set[LayerPath]] = field(default_factory=dict)
     scored: int = 0
@@ -88,8 +103,12 @@ def search_task_items(
     seed: int = 0,
     wave: int = 8,
     shots: int = 3,
-    recheck_invalid: int = 8,
+    recheck_invalid: int = 1,
+    recheck_total: int = RECHECK_TOTAL,
     group: int | None = None,
+    fast: LoadedModel | None = None,
+    decode_margin: float = DECODE_MARGIN,
+    cascade: CascadeStats | None = None,
     progress: Callable[[int, int], None] | None = None,
     check_progress: Callable[[int, int], None] | None = None,
 ) -> list[ItemRecord]:
@@ -98,14 +117,21 @@ def search_task_items(
     The full program is decoded first (exact validity); its answer, when right,
     becomes the teacher-forcing target (see ``polar_core.study.scoring``).
     Searches of a group of items run in lock step, each round scored in one
-    prefix-shared batch. Every teacher-forced valid program is then re-checked
-    by greedy decoding (only those that pass are kept), and
-    ``recheck_invalid`` teacher-forced invalid programs per item (a seeded
-    sample) too, to measure agreement.
+    prefix-shared batch (with `fast`, a bfloat16 twin of `lm`, through
+    ``cascade_scores``: float32 verdicts, most of the work in bfloat16).
+    Teacher-forced valid programs are then checked by greedy decoding where
+    their margin is below `decode_margin` (only those that pass are kept);
+    above it, teacher forcing and decoding compute the same greedy tokens, so
+    decoding could only disagree by float noise far smaller than the margin.
+    ``recheck_invalid`` teacher-forced invalid programs per item, at most
+    ``recheck_total`` in all (a seeded sample), are decoded too, to measure
+    how often the checker accepts an answer other than the forced one.
 
     Args:
         methods: "mcts" and/or "greedy"; several share one verdict cache per item.
-        group: searches run in lock step together (default: 256 on CUDA, 8 on CPU).
+        group: searches run in lock step together (default: 256 on CUDA, 32 on CPU).
+        decode_margin: 0 never decodes a valid program, infinity decodes all.
+        cascade: counts the programs the fast pass scored and those rescored.
         progress: called with (searches finished, searches in all).
         check_progress: called with (programs decoded, programs to decode) while
             the found programs are checked by decoding.
@@ -118,33 +144,46 @@ def search_task_items(
     targets = [reference_target(lm, it, answer=a if ok else None, shots=shots)
                for it, a, ok in zip(items, answers, right)]
     seen = [_Seen() for _ in items]
-    group = group or (256 if lm.device.type == "cuda" else 8)
+    group = group or (256 if lm.device.type == "cuda" else 32)
     for m_index, method in enumerate(methods):
         done_before = m_index * len(items)
         report = None if progress is None else (lambda done, base=done_before: progress(base + done, len(items) * len(methods)))
-        _search_method(lm, method, targets, seen, budget=budget, seed=seed, wave=wave, group=group, progress=report)
-    return _verify(lm, items, answers, right, seen, shots, recheck_invalid, seed, check_progress)
+        _search_method(lm, method, targets, seen, budget=budget, seed=seed, wave=wave, group=group, progress=report,
+                       fast=fast, cascade=cascade)
+    return _verify(lm, items, answers, right, targets, seen, shots, recheck_invalid, recheck_total, seed,
+                   decode_margin, check_progress)
 
 
 def _search_method(lm: LoadedModel, method: str, targets: Sequence[Target], seen: list[_Seen], *, budget: int,
-                   seed: int, wave: int, group: int, progress: Callable[[int], None] | None) -> None:
+                   seed: int, wave: int, group: int, progress: Callable[[int], None] | None,
+                   fast: LoadedModel | None = None, cascade: CascadeStats | None = None) -> None:
     """One method's searches of every item, in lock-step groups; results go into `seen`."""
     options = {"wave": wave} if method == "mcts" else {}
     searches = [make_search(method, lm.num_layers, budget=budget, seed=seed, cache=s.verdicts, **options)
                 for s in seen]
 
-    def score_jobs(jobs, offset):  # jobs index their group; the group starts at item `offset`
-        scores = teacher_forced_scores(lm, [(targets[offset + i], ps) for i, ps in jobs])
+    # Groups of similar prompt lengths: a batch is padded to its longest prompt.
+    order = sorted(range(len(seen)), key=lambda i: len(targets[i].input_ids))
+
+    def score_jobs(jobs, members):  # jobs index `members`, the group's item indices
+        scores = cascade_scores(lm, fast, [(targets[members[i]], ps) for i, ps in jobs], stats=cascade)
+        for (i, programs), job in zip(jobs, scores):
+            margins = seen[members[i]].margins
+            for program, score in zip(programs, job):
+                margins[program.path] = score.margin
         return [[s.valid for s in job] for job in scores]
 
     # Finished groups show as progress (all at once would show nothing until
     # the very end on a CPU, where batching wider gains little).
-    results = []
-    for lo in range(0, len(searches), group):
+    results: dict[int, object] = {}
+    for lo in range(0, len(order), group):
+        members = order[lo : lo + group]
         on_round = None if progress is None else (lambda done, _n, base=lo: progress(base + done))
-        results += run_searches(searches[lo : lo + group], functools.partial(score_jobs, offset=lo), on_round)
+        found = run_searches([searches[i] for i in members], functools.partial(score_jobs, members=members), on_round)
+        results.update(zip(members, found))
         if progress is not None:  # a search may end at its last ask, after the last round
             progress(len(results))
+    results = [results[i] for i in range(len(seen))]
     for record, result in zip(seen, results):
         record.scored += result.programs_scored
         looked_at = [p.path for p in (*result.valid, *result.invalid)]
@@ -152,28 +191,38 @@ def _search_method(lm: LoadedModel, method: str, targets: Sequence[Target], seen
         record.by_method[method] = set(looked_at)
 
 
-def _verify(lm: LoadedModel, items, answers, right, seen: list[_Seen], shots: int, recheck_invalid: int, seed: int,
-            check_progress) -> list[ItemRecord]:
-    """Decode every teacher-forced valid program (and a sample of invalid ones) to keep only the truly valid."""
+def _verify(lm: LoadedModel, items, answers, right, targets, seen: list[_Seen], shots: int, recheck_invalid: int,
+            recheck_total: int, seed: int, decode_margin: float, check_progress) -> list[ItemRecord]:
+    """Decode the teacher-forced valid programs whose margin is small (and a
+    sample of invalid ones) to keep only the truly valid."""
     shortest_first = lambda p: (len(p), p)  # noqa: E731
     tf_valid = [sorted((p for p in s.order if s.verdicts[p]), key=shortest_first) for s in seen]
     tf_invalid = [sorted((p for p in s.order if not s.verdicts[p]), key=shortest_first) for s in seen]
     # One generator per item: an item's sample does not depend on the items searched with it.
     recheck = [random.Random(f"{seed}/{item.id}").sample(bad, min(recheck_invalid, len(bad)))
                for item, bad in zip(items, tf_invalid)]
+    chosen = [(i, p) for i, ps in enumerate(recheck) for p in ps]
+    if len(chosen) > recheck_total:  # a large search: the agreement statistic needs a sample, not every item
+        keep = set(random.Random(seed).sample(chosen, recheck_total))
+        recheck = [[p for p in ps if (i, p) in keep] for i, ps in enumerate(recheck)]
     depth = lm.num_layers
-    pairs = [(i, p) for i in range(len(items)) for p in (*tf_valid[i], *recheck[i])]
-    verdicts = decode_many(lm, [(items[i], Program(p, depth)) for i, p in pairs], shots=shots, progress=check_progress)
+    # Decoding writes at most MAX_NEW_TOKENS tokens: a longer answer must be decoded to be judged.
+    to_decode = [[p for p in tf_valid[i] if seen[i].margins.get(p, 0.0) < decode_margin
+                  or len(targets[i].answer_ids) > MAX_NEW_TOKENS] for i in range(len(items))]
+    pairs = [(i, p) for i in range(len(items)) for p in (*to_decode[i], *recheck[i])]
+    verdicts = decode_many(lm, [(items[i], Program(p, depth)) for i, p in pairs], shots=shots,
+                           max_new_tokens=MAX_NEW_TOKENS, progress=check_progress)
     decoded = dict(zip(pairs, verdicts))
     records = []
     for i, item in enumerate(items):
-        ok = [decoded[i, p] for p in tf_valid[i]]
+        ok = [decoded.get((i, p), True) for p in tf_valid[i]]
         records.append(ItemRecord(
             item_id=item.id, family=item.family, initial_right=right[i], initial_answer=answers[i],
             valid=[Program(p, depth) for p, good in zip(tf_valid[i], ok) if good],
             invalid=[Program(p, depth) for p in tf_invalid[i]], programs_scored=seen[i].scored,
             tf_valid_rejected=sum(not g for g in ok), tf_invalid_checked=len(recheck[i]),
-            tf_invalid_accepted=sum(decoded[i, p] for p in recheck[i]), seen_by=seen[i].by_method))
+            tf_invalid_accepted=sum(decoded[i, p] for p in recheck[i]), seen_by=seen[i].by_method,
+            tf_valid_decoded=len(to_decode[i])))
     return records
 
 
@@ -206,7 +255,9 @@ def _summary(records: Sequence[ItemRecord], num_layers: int) -> dict:
         values = list(values)
         return round(sum(values) / len(values), 3) if values else None
 
-    tf_valid_checked = sum(len(r.valid) + r.tf_valid_rejected for r in records)
+    tf_valid_found = sum(len(r.valid) + r.tf_valid_rejected for r in records)
+    tf_valid_checked = sum(len(r.valid) + r.tf_valid_rejected if r.tf_valid_decoded is None else r.tf_valid_decoded
+                           for r in records)
     rejected = sum(r.tf_valid_rejected for r in records)
     checked_invalid = sum(r.tf_invalid_checked for r in records)
     accepted_invalid = sum(r.tf_invalid_accepted for r in records)
@@ -235,6 +286,7 @@ def _summary(records: Sequence[ItemRecord], num_layers: int) -> dict:
         "mean_programs_scored": mean(r.programs_scored for r in records),
         "tf_valid_decode_agreement": round(1 - rejected / tf_valid_checked, 4) if tf_valid_checked else None,
         "tf_valid_checked": tf_valid_checked,
+        "tf_valid_kept_by_margin": tf_valid_found - tf_valid_checked,
         "tf_invalid_decode_agreement": round(1 - accepted_invalid / checked_invalid, 4) if checked_invalid else None,
         "tf_invalid_checked": checked_invalid,
         "by_family": families,

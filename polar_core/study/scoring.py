@@ -24,22 +24,28 @@ an answer the task checker accepts. Two ways to tell:
   accepts it, so the full program scores the same both ways.
 
 Prefix sharing: the programs of one batch are put in a trie of their paths.
-Each unique prefix is computed once, over all tokens, level by level; the nodes
-of a level are batched per layer (``Adapter.run_layer`` with the rows of their
-targets' masks and rotary tables), across programs *and* across questions.
+Each unique prefix is computed once, over all tokens, across programs *and*
+across questions; calls are batched per layer (see ``teacher_forced_scores``).
+
+Float32 verdicts at bfloat16 speed (``cascade_scores``): on hardware that
+multiplies bfloat16 natively, a bfloat16 pass rejects the programs it finds
+clearly invalid and float32 scores the rest, so the verdicts are float32's.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from polar_core.engine.cpu.layout import cpuinfo_field
 from polar_core.engine.forward import forward_logits
 from polar_core.engine.generate import PromptPassStopped, Stopping, generate
 from polar_core.engine.inputs import eos_token_ids, pad_id, pad_left, resolve_programs
-from polar_core.engine.models import LoadedModel
+from polar_core.engine.models import MODEL_ALIASES, LoadedModel, from_model, load_model
 from polar_core.limits import Stopped
 from polar_core.program import Program
 from polar_core.study.checker import check_answer, extract_answer
@@ -121,17 +127,19 @@ def reference_target(lm: LoadedModel, item: TaskItem, *, answer: str | None = No
 
 @dataclass
 class _Trie:
-    """Prefix tree over the paths of (target, program) pairs; node 0.. are roots."""
+    """Prefix tree over the paths of (target, program) pairs; nodes 0..J-1 are
+    the roots (one per job: its token embeddings)."""
 
     layer: list[int]
     target: list[int]
+    parent: list[int]
     children: list[dict[int, int]]
     ends: dict[int, list[tuple[int, int]]]  # node -> [(job, program index)]
 
     @classmethod
     def build(cls, paths_per_job: Sequence[Sequence[tuple[int, ...]]]) -> "_Trie":
         n = len(paths_per_job)
-        trie = cls(layer=[-1] * n, target=list(range(n)), children=[{} for _ in range(n)], ends={})
+        trie = cls(layer=[-1] * n, target=list(range(n)), parent=[-1] * n, children=[{} for _ in range(n)], ends={})
         for job, paths in enumerate(paths_per_job):
             for index, path in enumerate(paths):
                 node = job
@@ -141,6 +149,7 @@ class _Trie:
                         child = len(trie.layer)
                         trie.layer.append(layer)
                         trie.target.append(job)
+                        trie.parent.append(node)
                         trie.children.append({})
                         trie.children[node][layer] = child
                     node = child
@@ -192,9 +201,18 @@ def _stop_mask(target: Target, vocab: int, device) -> torch.Tensor:
 
 
 def _default_max_rows(lm: LoadedModel) -> int:
-    # Rows per layer call: big on a GPU (launch overhead dominates), modest on
-    # CPU where a bigger batch only costs memory.
-    return 1024 if lm.device.type == "cuda" else 64
+    # Rows per layer call: big on a GPU (launch overhead dominates); on a CPU
+    # a layer call is compute-bound from ~16 rows of ~60 tokens on.
+    return 1024 if lm.device.type == "cuda" else 128
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad: int, device) -> torch.Tensor:
+    """Right-pad token-id lists into (B, T): pads after every real token."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return ids.to(device)
 
 
 @torch.inference_mode()
@@ -206,10 +224,18 @@ def teacher_forced_scores(
 ) -> list[list[TFScore]]:
     """Teacher-forced scores of many programs on many targets, prefixes shared.
 
+    All targets' tries are one batch. Targets are right-padded (see
+    ``Adapter.causal_positions``: each row computes what it would alone) and
+    the trie is run layer by layer rather than level by level: of the nodes
+    whose parent is computed, all that call the lowest-numbered layer go in
+    one call. Programs that skip or loop then wait for each other at the
+    layers they share, so most calls hold every program that runs that layer
+    (a level would hold a few: after a skip, programs sit at different
+    layers at the same step).
+
     Args:
-        jobs: (target, programs) pairs; targets may differ in length (they are
-            left-padded into one batch, each row with its own mask).
-        max_rows: most rows per layer call (default: 1024 on CUDA, 64 on CPU).
+        jobs: (target, programs) pairs; targets may differ in length.
+        max_rows: most rows per layer call (default: 1024 on CUDA, 128 on CPU).
     Returns:
         Per job, one TFScore per program, in order.
     """
@@ -221,60 +247,169 @@ def teacher_forced_scores(
     adapter = lm.adapter
     max_rows = max_rows or _default_max_rows(lm)
     targets = [t for t, _ in jobs]
-    batch = pad_left([t.input_ids for t in targets], pad_id(lm), lm.device)
-    hidden = adapter.embed(batch.input_ids)  # (J, T, d): level 0, one row per root
-    pos = adapter.positions(hidden, batch.attention_mask, 0)
+    embedded = adapter.embed(pad_right([t.input_ids for t in targets], pad_id(lm), lm.device))  # (J, T, d)
+    pos = adapter.causal_positions(embedded)
     trie = _Trie.build([[p.path for p in ps] for _, ps in jobs])
-    frontier = list(range(len(jobs)))  # node ids; row r of `hidden` is frontier[r]
+    states = {job: (embedded, job) for job in range(len(jobs))}  # node -> (tensor, row), while a child needs it
+    waiting = [len(c) for c in trie.children]  # children not computed yet, per node
+    ready: dict[int, list[int]] = {}  # layer -> nodes whose parent is computed
+    for job in range(len(jobs)):
+        for layer, child in trie.children[job].items():
+            ready.setdefault(layer, []).append(child)
     masks: dict[int, torch.Tensor] = {}
-    while frontier:
-        hidden, frontier = _next_level(adapter, trie, frontier, hidden, pos, max_rows)
-        _score_ends(adapter, trie, frontier, hidden, targets, masks, out, max_rows)
+    while ready:
+        layer = min(ready)
+        nodes = ready.pop(layer)
+        for lo in range(0, len(nodes), max_rows):
+            chunk = nodes[lo : lo + max_rows]
+            # Rows that come from the same earlier output go together, in its order: fewer copies.
+            first_seen: dict[int, int] = {}
+            for c in chunk:
+                first_seen.setdefault(id(states[trie.parent[c]][0]), len(first_seen))
+            chunk.sort(key=lambda c: (first_seen[id(states[trie.parent[c]][0])], states[trie.parent[c]][1]))
+            hidden = adapter.run_layer(layer, _gather([states[trie.parent[c]] for c in chunk]), pos)  # (n, T, d)
+            ended = []
+            for row, node in enumerate(chunk):
+                parent = trie.parent[node]
+                waiting[parent] -= 1
+                if not waiting[parent]:
+                    del states[parent]
+                if trie.children[node]:
+                    states[node] = (hidden, row)
+                    for next_layer, child in trie.children[node].items():
+                        ready.setdefault(next_layer, []).append(child)
+                if node in trie.ends:
+                    ended.append((row, node))
+            _score_ends(adapter, trie, ended, hidden, targets, masks, out)
     return out  # type: ignore[return-value]
 
 
-def _next_level(adapter, trie: _Trie, frontier: list[int], hidden: torch.Tensor, pos, max_rows: int):
-    """Apply each child's layer to its parent's hidden state, batched per layer."""
-    groups: dict[int, list[tuple[int, int]]] = {}  # layer -> [(parent row, child node)]
-    for row, node in enumerate(frontier):
-        for layer, child in trie.children[node].items():
-            groups.setdefault(layer, []).append((row, child))
-    children = [child for entries in groups.values() for _, child in entries]
-    if not children:
-        return hidden[:0], []
-    new_hidden = hidden.new_empty((len(children),) + tuple(hidden.shape[1:]))  # (N_next, T, d)
-    start = 0
-    device = hidden.device
-    for layer, entries in groups.items():
-        for lo in range(0, len(entries), max_rows):
-            chunk = entries[lo : lo + max_rows]
-            parents = torch.tensor([r for r, _ in chunk], device=device)
-            targets = torch.tensor([trie.target[c] for _, c in chunk], device=device)
-            out = adapter.run_layer(layer, hidden[parents], pos, rows=targets)
-            new_hidden[start : start + len(chunk)] = out
-            start += len(chunk)
-    return new_hidden, children
+def _gather(sources: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """Rows of earlier outputs stacked (n, T, d), with as few copies as possible:
+    none when they are one earlier output whole and in order (a chain of layers),
+    else one index_select per earlier output (rows sorted by source first)."""
+    pieces, start = [], 0
+    while start < len(sources):
+        tensor = sources[start][0]
+        end = start
+        while end < len(sources) and sources[end][0] is tensor:
+            end += 1
+        rows = [r for _, r in sources[start:end]]
+        if rows == list(range(tensor.shape[0])):
+            pieces.append(tensor)
+        else:
+            pieces.append(tensor.index_select(0, torch.tensor(rows, device=tensor.device)))
+        start = end
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _score_ends(adapter, trie, frontier, hidden, targets, masks, out, max_rows) -> None:
-    """Score the programs that end at this level's nodes."""
+def _score_ends(adapter, trie: _Trie, ended, hidden: torch.Tensor, targets, masks, out) -> None:
+    """Score the programs that end at these just-computed nodes (rows of hidden)."""
     by_job: dict[int, list[tuple[int, int]]] = {}  # job -> [(row, program index)]
-    for row, node in enumerate(frontier):
-        for job, index in trie.ends.get(node, ()):
+    for row, node in ended:
+        for job, index in trie.ends[node]:
             by_job.setdefault(job, []).append((row, index))
     for job, entries in by_job.items():
         target = targets[job]
-        width = len(target.answer_ids) + 1  # answer positions and the stop position
-        for lo in range(0, len(entries), max_rows):
-            chunk = entries[lo : lo + max_rows]
-            rows = torch.tensor([r for r, _ in chunk], device=hidden.device)
-            # Left padding puts every target's answer at the end of its row; the
-            # last m+1 positions predict the m answer tokens and the stop token.
-            logits = adapter.logits(hidden[rows, -width:]).float()  # (n, m+1, V)
-            if job not in masks:
-                masks[job] = _stop_mask(target, logits.shape[-1], logits.device)
-            for (_, index), score in zip(chunk, _judge(logits, target, masks[job])):
-                out[job][index] = score
+        # Right padding: the m answer tokens are predicted from the positions
+        # just before them, the stop token from the last answer position.
+        first = len(target.prompt_ids) - 1
+        width = len(target.answer_ids) + 1
+        rows = torch.tensor([r for r, _ in entries], device=hidden.device)
+        logits = adapter.logits(hidden[rows, first : first + width]).float()  # (n, m+1, V)
+        if job not in masks:
+            masks[job] = _stop_mask(target, logits.shape[-1], logits.device)
+        for (_, index), score in zip(entries, _judge(logits, target, masks[job])):
+            out[job][index] = score
+
+
+# ---------------------------------------------------------------- the cascade
+
+# A program the bfloat16 pass scores at a margin at or below -CASCADE_MARGIN is
+# taken as invalid; every other program is scored again in float32, whose
+# verdict counts. Measured on SmolLM2-135M (bench/results/search_throughput.md):
+# float32-valid programs moved by at most ~0.3 logits under bfloat16, invalid
+# ones by up to ~8 (their margins are large), so a valid program never comes
+# near -2.0 while ~85% of invalid ones fall below it.
+CASCADE_MARGIN = 2.0
+
+
+@dataclass
+class CascadeStats:
+    """What a cascade did: programs scored by the fast pass, and again in float32."""
+
+    programs: int = 0
+    rescored: int = 0
+    # Over rescored programs valid in float32: the largest |fast margin - exact
+    # margin|. CASCADE_MARGIN is safe while this stays well below it.
+    max_valid_shift: float = 0.0
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 products are fast here: a CUDA device, or a CPU with
+    bfloat16 instructions (AVX512-BF16 or AMX), where oneDNN multiplies them
+    2-3x faster than float32. Elsewhere a CPU converts and is slower."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    flags = set((cpuinfo_field("flags") or "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def bfloat16_twin(lm: LoadedModel) -> LoadedModel:
+    """The same model with bfloat16 weights (a second copy; the first is untouched)."""
+    if lm.dtype == torch.bfloat16:
+        return lm
+    if lm.name in MODEL_ALIASES or Path(lm.name).exists():
+        return load_model(lm.name, device=str(lm.device), dtype="bfloat16")
+    model = copy.deepcopy(lm.model).to(torch.bfloat16)  # a model built in memory (tests)
+    return from_model(model, lm.tokenizer, name=lm.name)
+
+
+def cascade_scores(
+    exact: LoadedModel,
+    fast: LoadedModel | None,
+    jobs: Sequence[tuple[Target, Sequence[Program]]],
+    *,
+    margin: float = CASCADE_MARGIN,
+    stats: CascadeStats | None = None,
+    max_rows: int | None = None,
+) -> list[list[TFScore]]:
+    """Teacher-forced scores with a fast first pass: every program on `fast`
+    (bfloat16), then those it does not clearly reject (margin > -margin) on
+    `exact`, whose scores replace the fast ones. Without `fast`, plain
+    ``teacher_forced_scores`` on `exact`.
+
+    A program's verdict is the exact model's unless the fast pass put it at
+    or below -margin (see CASCADE_MARGIN for why that is safe), so verdicts
+    match an all-float32 run; margins of rejected programs are the fast ones.
+    """
+    jobs = [(t, list(ps)) for t, ps in jobs]
+    if fast is None:
+        scores = teacher_forced_scores(exact, jobs, max_rows=max_rows)
+        if stats is not None:
+            n = sum(len(ps) for _, ps in jobs)
+            stats.programs += n
+            stats.rescored += n
+        return scores
+    if fast.num_layers != exact.num_layers:
+        raise ValueError("the fast model must be the same model (same depth)")
+    first = teacher_forced_scores(fast, jobs, max_rows=max_rows)
+    again = [[i for i, s in enumerate(scores) if s.margin > -margin] for scores in first]
+    second = teacher_forced_scores(exact, [(t, [ps[i] for i in idx]) for (t, ps), idx in zip(jobs, again)],
+                                   max_rows=max_rows)
+    shift = 0.0
+    for scores, idx, exact_scores in zip(first, again, second):
+        for i, score in zip(idx, exact_scores):
+            if score.valid:
+                shift = max(shift, abs(scores[i].margin - score.margin))
+            scores[i] = score
+    if stats is not None:
+        stats.programs += sum(len(ps) for _, ps in jobs)
+        stats.rescored += sum(len(idx) for idx in again)
+        stats.max_valid_shift = max(stats.max_valid_shift, shift)
+    return first
 
 
 def teacher_forced_valid(lm: LoadedModel, target: Target, programs: Sequence[Program], **kwargs) -> list[bool]:
@@ -436,9 +571,13 @@ def make_scorer(lm: LoadedModel, target: Target, **kwargs) -> Scorer:
 
 
 __all__ = [
+    "CASCADE_MARGIN",
+    "CascadeStats",
     "Scorer",
     "Target",
     "TFScore",
+    "bfloat16_twin",
+    "cascade_scores",
     "count_layer_calls",
     "decode_many",
     "decode_programs",
@@ -447,6 +586,8 @@ __all__ = [
     "ids_valid",
     "line_end_ids",
     "make_scorer",
+    "native_bfloat16",
+    "pad_right",
     "reference_target",
     "teacher_forced_scores",
     "teacher_forced_scores_unshared",

@@ -252,3 +252,26 @@ def save_supervision(samples: Iterable[SupervisionSample], path: str | os.PathLi
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def merge_samples(*sources: Iterable[SupervisionSample]) -> list[SupervisionSample]:
+    """Samples of several files (e.g. two searches of overlapping items) as one
+    list, one sample per question: the union of its valid programs (shortest
+    first), of its invalid ones (minus any another search found valid), and
+    the highest initial score recorded. Questions keep their first order."""
+    merged: dict[str, list] = {}
+    for source in sources:
+        for s in source:
+            entry = merged.setdefault(s.question, [s.answer, {}, {}, None])
+            if entry[0] != s.answer:
+                raise SupervisionError(f"question {_cut(s.question)!r} has two answers: {entry[0]!r}, {s.answer!r}")
+            entry[1].update(dict.fromkeys(s.valid_programs))
+            entry[2].update(dict.fromkeys(s.invalid_programs))
+            if s.initial_score is not None:
+                entry[3] = s.initial_score if entry[3] is None else max(entry[3], s.initial_score)
+    out = []
+    for question, (answer, valid, invalid, score) in merged.items():
+        shortest = sorted(valid, key=lambda p: (p.layer_calls, p.path))
+        out.append(SupervisionSample(question, answer, tuple(shortest),
+                                     tuple(p for p in invalid if p not in valid), score))
+    return out

@@ -4,18 +4,39 @@ markdown, JSON records or a page table from the same frame.
 Honesty is checked whenever a table is built or rendered: an oracle row
 (one that needs the ground truth to pick, e.g. a router's best-of-k) must
 say so in its label and must come right after the deployable top-1 row of
-the same router (``check_honest``).
+the same router (``check_honest``). Every accuracy carries its 95% Wilson
+score interval: with n = 64, a difference of three items is noise, and the
+table should say so rather than the reader having to.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 ORACLE_TAG = "(oracle)"
-COLUMNS = ("method", "group", "n", "correct", "accuracy", "layer_calls", "compute_fraction", "oracle",
-           "best_of_k_of", "note")
+COLUMNS = ("method", "group", "n", "correct", "accuracy", "ci_low", "ci_high", "layer_calls", "compute_fraction",
+           "oracle", "best_of_k_of", "note")
+Z95 = 1.959963984540054  # the standard normal quantile of 0.975
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion correct / n (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible
+    at 0/n and n/n, which small per-family tables hit often.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct must be in 0..n, got {correct} of {n}")
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 class HonestyError(ValueError):
@@ -39,6 +60,16 @@ class MethodRow:
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else 0.0
+
+    @property
+    def ci_low(self) -> float:
+        """Lower end of the accuracy's 95% Wilson interval."""
+        return wilson_interval(self.correct, self.n)[0]
+
+    @property
+    def ci_high(self) -> float:
+        """Upper end of the accuracy's 95% Wilson interval."""
+        return wilson_interval(self.correct, self.n)[1]
 
     @property
     def layer_calls(self) -> float:
@@ -76,6 +107,7 @@ class EvalTable:
     title: str
     rows: tuple[MethodRow, ...]
     notes: tuple[str, ...] = ()
+    facts: dict = field(default_factory=dict)  # measurements beside the rows (JSON only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rows", tuple(self.rows))
@@ -98,24 +130,25 @@ class EvalTable:
         deployable = (df["group"] == "router") & ~df["oracle"]
         shown = pd.DataFrame({
             "Method": [f"**{m}**" if bold else m for m, bold in zip(df["method"], deployable)],
-            "Accuracy (top-1)": df["accuracy"].map("{:.1%}".format),
+            "Accuracy": df["accuracy"].map("{:.1%}".format),
+            "95% CI": [f"{lo:.1%}-{hi:.1%}" for lo, hi in zip(df["ci_low"], df["ci_high"])],
             "Correct / n": [f"{c} / {n}" for c, n in zip(df["correct"], df["n"])],
             "Layer calls / token": df["layer_calls"].map("{:.2f}".format),
             "% of full compute": df["compute_fraction"].map("{:.1%}".format),
             "Note": df["note"],
         })
-        lines = [f"### {self.title}", "", shown.to_markdown(index=False, colalign=("left",) + ("right",) * 4 + ("left",))]
+        lines = [f"### {self.title}", "", shown.to_markdown(index=False, colalign=("left",) + ("right",) * 5 + ("left",))]
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines).rstrip() + "\n"
 
     def to_dict(self) -> dict:
-        return {"title": self.title, "notes": list(self.notes), "rows": self.frame().to_dict("records")}
+        return {"title": self.title, "notes": list(self.notes), **self.facts, "rows": self.frame().to_dict("records")}
 
     def points(self) -> list[dict]:
         """Plot data for ``app.figures.accuracy_vs_depth`` (one point per row)."""
         df = self.frame()
-        return [{"method": r.method, "accuracy": r.accuracy, "layer_calls": r.layer_calls, "oracle": r.oracle,
-                 "family": r.group} for r in df.itertuples()]
+        return [{"method": r.method, "accuracy": r.accuracy, "ci_low": r.ci_low, "ci_high": r.ci_high,
+                 "layer_calls": r.layer_calls, "oracle": r.oracle, "family": r.group} for r in df.itertuples()]
 
 
 def report_markdown(tables: Sequence[EvalTable], header: str = "") -> str:

@@ -187,6 +187,13 @@ def _word_problems(n: int = 250) -> list[Row]:
     return sorted(_rng("word_problems").sample(rows, n))
 
 
+def _subtraction(n: int = 150) -> list[Row]:
+    """Differences of small whole numbers, never negative (a held-out family)."""
+    pairs = [(a, b) for a in range(2, 21) for b in range(1, a)]
+    chosen = sorted(_rng("subtraction").sample(pairs, n))
+    return [(f"{a}-{b}", f"What is {a} - {b}?", str(a - b), ()) for a, b in chosen]
+
+
 def _next_number(n: int = 250) -> list[Row]:
     """The next term of a short sequence: counting, steps up or down, doubling."""
     seqs = []
@@ -208,12 +215,18 @@ _GENERATED: dict[str, tuple[str, Callable[[], list[Row]]]] = {
     "unit_conversion": ("Whole-number conversion between common units (length, mass, volume, time, dozens).", _unit_conversion),
     "word_problems": ("One-step arithmetic word problems with small numbers (add, subtract, multiply).", _word_problems),
     "next_number": ("Next term of a short arithmetic or doubling sequence.", _next_number),
+    "subtraction": ("Difference of two small whole numbers (held out).", _subtraction),
 }
-_LISTED = ("capitals", "antonyms", "plurals")
+_LISTED = ("capitals", "antonyms", "plurals", "continents", "past_tense", "colours", "comparisons")
 
+# The families searched and trained on.
 FAMILIES: tuple[str, ...] = (
     "capitals", "antonyms", "plurals", "add_1digit", "add_2digit", "unit_conversion", "word_problems", "next_number",
 )
+# Question families no search, supervision file or router ever sees: they
+# measure how a predictor does on kinds of questions it never met.
+HELD_OUT_FAMILIES: tuple[str, ...] = ("continents", "past_tense", "colours", "comparisons", "subtraction")
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + HELD_OUT_FAMILIES
 
 
 def _family_spec(name: str) -> tuple[str, Callable[[], list[Row]]]:
@@ -221,7 +234,7 @@ def _family_spec(name: str) -> tuple[str, Callable[[], list[Row]]]:
         return _GENERATED[name]
     if name in _LISTED:
         return _list_family(name)
-    raise ValueError(f"unknown task family {name!r}; known: {', '.join(FAMILIES)}")
+    raise ValueError(f"unknown task family {name!r}; known: {', '.join(ALL_FAMILIES)}")
 
 
 def family_description(name: str) -> str:
@@ -243,7 +256,8 @@ def _family_items(name: str) -> tuple[TaskItem, ...]:
 
 
 def load_suite(families: Iterable[str] | str | None = None, split: str | None = None) -> list[TaskItem]:
-    """Items of the given families (default: all) and split (default: all), sorted by id.
+    """Items of the given families (default: the searched ones, FAMILIES) and split
+    (default: all), sorted by id.
 
     Built once per family and cached; the returned list is a fresh copy.
     """

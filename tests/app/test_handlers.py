@@ -370,10 +370,26 @@ def test_run_tickets_stop_older_runs_and_runs_of_programs_the_editor_left():
 @pytest.mark.real_model
 def test_predict_without_router_says_so(real_lm, capital):
     pred = H.predict(real_lm, capital[0])
-    if pred.programs:  # a router checkpoint ships: its ranking is best first
-        assert [r[0] for r in pred.rows] == list(range(1, len(pred.rows) + 1))
-    else:
+    assert [r[0] for r in pred.rows] == list(range(1, len(pred.rows) + 1))
+    if H.ROUTER_SOURCE not in pred.sources:
         assert "No router loaded" in pred.message
+
+
+def test_predict_shows_router_rows_then_verified_suggestions(monkeypatch, tmp_path):
+    """The router's ranking first, then suggestions marked as such; each
+    suggestion decodes to the full program's answer."""
+    from tiny import rigged_router, tiny_lm_with_chars
+
+    from polar_core.study.router import RouterConfig, save_router
+
+    lm = tiny_lm_with_chars()
+    save_router(rigged_router(RouterConfig.for_model(lm), "keep"), tmp_path / "router")
+    monkeypatch.setenv(H.ROUTER_ENV, str(tmp_path / "router"))
+    pred = H.predict(lm, "Q: one\nA: two\n\nQ: three\nA:", k=2)
+    n_router = pred.sources.count(H.ROUTER_SOURCE)
+    assert n_router == 2 and pred.sources[:2] == [H.ROUTER_SOURCE] * 2
+    assert all(src == H.SUGGESTED_SOURCE for src in pred.sources[2:])
+    assert [row[4] for row in pred.rows] == pred.sources and len(pred.rows[0]) == len(H.PREDICT_COLUMNS)
 
 
 def test_evaluate_checks_its_inputs():

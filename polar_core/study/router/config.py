@@ -38,6 +38,8 @@ class RouterConfig:
         max_tokens: the router reads the last max_tokens tokens of a prompt.
         chat: whether prompts go through the chat template (the task suite's
             few-shot prompts do not).
+        pooled: also give every layer query the prompt's mean feature (one
+            vector summing up the input), besides cross-attention to its tokens.
     """
 
     model_name: str
@@ -54,6 +56,7 @@ class RouterConfig:
     beam_width: int = 5
     full_path_weight: float = 0.3
     chat: bool = False
+    pooled: bool = False
 
     def __post_init__(self) -> None:
         ints = ("num_layers", "feature_size", "d_model", "num_heads", "num_blocks", "mlp_ratio", "max_tokens",

@@ -35,6 +35,7 @@ class Router(nn.Module):
         self.proj = nn.Linear(c.feature_size, d)
         self.token_pos = nn.Parameter(torch.zeros(c.max_tokens, d))  # index = distance from the prompt's end
         self.queries = nn.Parameter(torch.randn(c.num_layers, d) * 0.02)
+        self.pool = nn.Linear(d, d) if c.pooled else None  # the mean token, added to every query
         self.cross_norm = nn.LayerNorm(d)
         self.cross = nn.MultiheadAttention(d, c.num_heads, dropout=c.dropout, batch_first=True)
         self.blocks = nn.ModuleList(Block(d, c.num_heads, c.mlp_ratio, c.dropout) for _ in range(c.num_blocks))
@@ -56,6 +57,10 @@ class Router(nn.Module):
         tokens = self.proj(self.in_norm(features))  # (B, T, d)
         tokens = tokens + self.token_pos[:length].flip(0)  # the last token gets position 0
         q = self.queries.expand(batch, -1, -1)  # (B, D, d)
+        if self.pool is not None:
+            weights = mask.float()[..., None]  # (B, T, 1)
+            mean = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, d)
+            q = q + self.pool(mean)[:, None]
         x = q + self.cross(self.cross_norm(q), tokens, tokens, key_padding_mask=~mask, need_weights=False)[0]
         for block in self.blocks:
             x = block(x)

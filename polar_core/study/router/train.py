@@ -192,12 +192,33 @@ def train_router(
         raise RouterError("no sample has a valid program the router can express: nothing to train on")
     torch.manual_seed(seed)
     router = Router(config)
-    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     total = epochs * math.ceil(len(examples) / batch_size)
     if max_steps is not None:
         total = min(total, max_steps)
+    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=0.1)
-    order = random.Random(seed)  # a private RNG: the global one stays untouched
+    _fit(router, examples, opt, sched, epochs=epochs, total=total, batch_size=batch_size, seed=seed,
+         progress=progress)
+    return router.eval()
+
+
+def _step(router: Router, batch: Sequence[_Example], opt, sched) -> float:
+    """One optimizer step on a batch of examples; returns its loss."""
+    feats, mask, owner, boundary, ops, weight = _collate(batch)
+    b_logits, o_logits = router(feats, mask)
+    loss = router_loss(b_logits[owner], o_logits[owner], boundary, ops, weight)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(router.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def _fit(router: Router, examples: Sequence[_Example], opt, sched, *, epochs: int, total: int, batch_size: int,
+         seed: int, progress: bool) -> None:
+    """Epochs of shuffled batches (a private RNG: the global one stays untouched), at most `total` steps."""
+    order = random.Random(seed)
     router.train()
     step = 0
     bar = tqdm(total=total, desc="router training", unit="step", disable=not progress)
@@ -207,19 +228,10 @@ def train_router(
         for i in range(0, len(shuffled), batch_size):
             if step >= total:
                 break
-            feats, mask, owner, boundary, ops, weight = _collate(shuffled[i : i + batch_size])
-            b_logits, o_logits = router(feats, mask)
-            loss = router_loss(b_logits[owner], o_logits[owner], boundary, ops, weight)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(router.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(_step(router, shuffled[i : i + batch_size], opt, sched))
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if losses:
             router.loss_history.append(sum(losses) / len(losses))
     bar.close()
-    return router.eval()

@@ -166,3 +166,74 @@ def test_shipped_router_predicts_valid_programs_for_a_suite_prompt(real_lm):
     assert len(top) == 5 and len({p for p, _ in top}) == 5
     assert all(p.num_layers == real_lm.num_layers for p, _ in top)
     assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+
+
+# ---------------------------------------------------------------- intervals, suggestions, held-out families
+
+
+def test_wilson_interval_matches_known_values():
+    from polar_core.study.tables import wilson_interval
+
+    lo, hi = wilson_interval(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and round(hi, 4) == 0.2775  # stays inside [0, 1] at 0/n
+    lo, hi = wilson_interval(64, 64)
+    assert hi == 1.0 and 0.94 < lo < 0.95
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_every_row_carries_its_interval_in_frame_markdown_and_json():
+    table = EvalTable("t", (row("Full program", group="full", correct=23, n=64),))
+    frame = table.frame()
+    assert {"n", "correct", "accuracy", "ci_low", "ci_high", "compute_fraction"} <= set(frame.columns)
+    record = table.to_dict()["rows"][0]
+    assert record["ci_low"] < record["accuracy"] < record["ci_high"]
+    assert "95% CI" in table.to_markdown() and "25.3%-48.2%" in table.to_markdown()  # 23 / 64
+    assert {"ci_low", "ci_high"} <= set(table.points()[0])
+
+
+def test_suggestions_row_and_its_static_baselines(lm, items):
+    """Suggested programs get a row (never an oracle) and static baselines at their depth."""
+    runner = runner_for(lm)
+    suggested = [Program.drop_layers(D, [2])] * len(items)
+    table = evaluate_items(runner, items, [], k=1, title="t", suggested=suggested,
+                           calibration_prompts=[it.question for it in items])
+    from polar_core.study.evaluate import SUGGESTIONS_LABEL
+
+    got = table.row(SUGGESTIONS_LABEL)
+    assert not got.oracle and got.layer_calls == D - 1 and "verified" in got.note
+    assert {"ShortGPT @ 3", "Gromov @ 3", "Early exit @ 3"} <= {r.method for r in table.rows}
+
+
+def test_input_dependence_counts_distinct_programs_per_family():
+    from polar_core.study.evaluate import input_dependence
+
+    its = [TaskItem(f"{f}/{i}", f, f"q{f}{i}", "a", split="test") for f in ("a", "b") for i in range(4)]
+    progs = [Program.full(D)] * 3 + [Program.drop_layers(D, [1])] + [Program.drop_layers(D, [2])] * 4
+    dep = input_dependence(its, progs)
+    assert dep["distinct_top1"] == 3
+    assert dep["by_family"]["a"] == {"n": 4, "distinct": 2, "differs_from_mode": 0.25}
+    assert dep["by_family"]["b"]["distinct"] == 1
+
+
+def test_leave_one_family_out_trains_without_each_family(lm):
+    from polar_core.study.evaluate import _Setting, leave_one_out_table
+    from polar_core.study.router import Router
+    from polar_core.study.tasks import sample_items
+
+    families = ("capitals", "plurals")
+    train = [SupervisionSample(it.question, it.answer, (Program.drop_layers(D, [1]),), (), 1.0)
+             for f in families for it in sample_items(f, 3, "train")]
+    items = [it for f in families for it in sample_items(f, 2, "test")]
+    runner = Runner(lm, batch_size=4, max_new_tokens=4, progress=False)
+    config = RouterConfig("tiny-llama", D, 32, d_model=32, num_heads=2, max_tokens=64)
+    main = [[(Program.full(D), 0.0)] for _ in items]
+    table = leave_one_out_table(_Setting(lm, runner, "test", 1, [], []), Router(config), items, main, train,
+                                families, epochs=1, seed=0, lr=1e-3, progress=False)
+    methods = [r.method for r in table.rows]
+    assert "capitals: router trained without capitals, top-1" in methods
+    assert table.row("capitals: router trained without capitals, top-1").note == "3 training samples"
+    assert table.row("All families: full").n == len(items)

@@ -62,8 +62,11 @@ def test_parameter_count_at_default_model_config():
     assert 1_500_000 < router.num_parameters() <= 2_500_000
 
 
-def test_output_shapes_and_padding_invariance():
-    router = Router(tiny_config()).eval()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_output_shapes_and_padding_invariance(pooled):
+    """With or without the pooled input: a left-padded row equals the prompt alone."""
+    torch.manual_seed(0)
+    router = Router(tiny_config(pooled=pooled)).eval()
     feats = torch.randn(2, 7, 32)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, :3] = False  # left padding
@@ -223,9 +226,10 @@ def test_predict_accepts_token_ids_and_text_alike(lm):
         predict_batch(lm, router, [text, ids])
 
 
-def test_save_load_gives_identical_predictions(lm, tmp_path):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_save_load_gives_identical_predictions(lm, tmp_path, pooled):
     torch.manual_seed(3)
-    router = Router(tiny_config(feature_layer=1)).eval()
+    router = Router(tiny_config(feature_layer=1, pooled=pooled)).eval()
     prompts = ["alpha beta", "a much longer prompt with more tokens"]
     before = predict_batch(lm, router, prompts, k=4)
     save_router(router, tmp_path / "r")
@@ -279,3 +283,9 @@ def test_default_router_path_and_missing_default(lm):
     assert default_router_path("smollm2-135m-instruct").parts[-3:] == ("assets", "router", "smollm2-135m-instruct")
     assert default_router_path("HuggingFaceTB/SmolLM2-135M").name == "HuggingFaceTB--SmolLM2-135M"
     assert load_default_router(lm) is None  # nothing ships for a tiny random model
+
+
+def test_a_config_saved_before_pooled_existed_still_loads():
+    data = tiny_config().to_dict()
+    del data["pooled"]
+    assert RouterConfig.from_dict(data).pooled is False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import build_tiny
+from tiny import FAMILIES, build_tiny
 
 from polar_core.program import Program, ProgramError
 from polar_core.study.scoring import (
@@ -57,10 +57,11 @@ def test_teacher_forced_validity_equals_decoding_validity(prompt):
     assert 0 < some_valid < len(targets) * len(programs)  # the sample has both verdicts
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_shared_scores_equal_unshared(family):
-    """Shared tries over two prompts of different lengths (left padding, one
-    mask per row; Mistral's window of 5 is crossed) == each program run alone."""
+    """Shared tries over two prompts of different lengths (right padding, one
+    shared causal table; the sliding windows of 5 are crossed; Gemma 2's eager
+    attention gets an explicit mask) == each program run alone."""
     lm = build_tiny(family)
     programs = _programs(lm.num_layers)
     targets = [Target(p, [p[-1] + 1, p[-1] + 2], {2, 7}) for p in PROMPTS]
@@ -134,3 +135,24 @@ def test_real_model_teacher_forcing_agrees_with_decoding(real_lm):
     assert True in forced and False in forced
     with pytest.raises(ValueError, match="not accepted"):
         reference_target(real_lm, item, answer="Atlantis")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cascade_verdicts_are_the_exact_ones(family):
+    """bfloat16 first, float32 for whatever it does not clearly reject: the
+    verdicts equal float32's on every family, and rejected programs are ones
+    float32 rejects too."""
+    from polar_core.study.scoring import CascadeStats, bfloat16_twin, cascade_scores
+
+    lm = build_tiny(family)
+    programs = _programs(lm.num_layers)
+    traces, targets = _targets_from_decoding(lm, list(PROMPTS[1]), programs)
+    jobs = [(t, programs) for t in targets]
+    exact = teacher_forced_scores(lm, jobs)
+    stats = CascadeStats()
+    got = cascade_scores(lm, bfloat16_twin(lm), jobs, stats=stats)
+    assert [[s.valid for s in j] for j in got] == [[s.valid for s in j] for j in exact]
+    assert stats.programs == len(targets) * len(programs) and 0 < stats.rescored <= stats.programs
+    assert stats.max_valid_shift < 1.0
+    alone = cascade_scores(lm, None, jobs)  # no fast model: plain float32
+    assert [[s.margin for s in j] for j in alone] == [[s.margin for s in j] for j in exact]

@@ -181,3 +181,24 @@ def test_task_item_search_gives_the_same_records_in_any_grouping():
                      r.programs_scored)
     assert [key(r) for r in one_by_one] == [key(r) for r in together]
     assert all(r.programs_scored > 0 and r.invalid for r in together)
+
+
+def test_cascade_and_margin_gated_checks_find_what_float32_and_full_decoding_find():
+    """The fast path (bfloat16 pass, float32 rescoring; decoding only near-ties)
+    keeps exactly the valid programs of the float32 search that decodes every one."""
+    from tiny import tiny_lm_with_chars
+
+    from polar_core.study.find import search_task_items
+    from polar_core.study.scoring import CascadeStats, bfloat16_twin
+    from polar_core.study.tasks import sample_items
+
+    lm = tiny_lm_with_chars()
+    items = sample_items("capitals", 2, "test") + sample_items("plurals", 2, "test")
+    exact = search_task_items(lm, items, budget=8, recheck_invalid=0, decode_margin=float("inf"))
+    stats = CascadeStats()
+    fast = search_task_items(lm, items, budget=8, recheck_invalid=0, fast=bfloat16_twin(lm), cascade=stats,
+                             decode_margin=0.5)
+    assert [[p.path for p in r.valid] for r in fast] == [[p.path for p in r.valid] for r in exact]
+    assert [r.programs_scored for r in fast] == [r.programs_scored for r in exact]
+    assert stats.programs == sum(r.programs_scored for r in fast) and stats.rescored <= stats.programs
+    assert all(r.tf_valid_decoded is not None for r in fast)

@@ -326,3 +326,17 @@ def test_a_pipe_cannot_bypass_the_size_limit(tmp_path):
         load_supervision(fifo, D, max_bytes=100_000)
     writer.join(10)
     assert len(written) < 64  # the reader did not drain the pipe
+
+
+def test_merge_samples_unions_programs_per_question():
+    from polar_core.study.supervision import SupervisionError, merge_samples
+
+    full, short, shorter = Program.full(4), Program((0, 1, 3), 4), Program((0, 3), 4)
+    a = [SupervisionSample("q1", "x", (full,), (short,), 1.0), SupervisionSample("q2", "y", (), (full,), 0.0)]
+    b = [SupervisionSample("q1", "x", (short, shorter), (), None)]
+    merged = merge_samples(a, b)
+    assert [s.question for s in merged] == ["q1", "q2"]
+    assert merged[0].valid_programs == (shorter, short, full)  # shortest first
+    assert merged[0].invalid_programs == () and merged[0].initial_score == 1.0  # found valid by the other search
+    with pytest.raises(SupervisionError, match="two answers"):
+        merge_samples(a, [SupervisionSample("q1", "other", (), ())])
