@@ -142,7 +142,10 @@ class EvalTable:
         return "\n".join(lines).rstrip() + "\n"
 
     def to_dict(self) -> dict:
-        return {"title": self.title, "notes": list(self.notes), **self.facts, "rows": self.frame().to_dict("records")}
+        # Missing values (e.g. best_of_k_of for a top-1 row) as None: strict JSON has no NaN.
+        frame = self.frame()
+        rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        return {"title": self.title, "notes": list(self.notes), **self.facts, "rows": rows}
 
     def points(self) -> list[dict]:
         """Plot data for ``app.figures.accuracy_vs_depth`` (one point per row)."""

@@ -3,6 +3,7 @@ evaluation plumbing, on a tiny random model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -193,6 +194,15 @@ def test_every_row_carries_its_interval_in_frame_markdown_and_json():
     assert record["ci_low"] < record["accuracy"] < record["ci_high"]
     assert "95% CI" in table.to_markdown() and "25.3%-48.2%" in table.to_markdown()  # 23 / 64
     assert {"ci_low", "ci_high"} <= set(table.points()[0])
+
+
+def test_the_json_record_is_strict_json():
+    """A top-1 row has no best-of-k: the record says null, not NaN (which strict JSON lacks)."""
+    table = EvalTable("t", (row("Full program", group="full"), row("Router top-1"),
+                            row("Router best-of-3 (oracle)", oracle=True, best_of_k_of="Router top-1")))
+    records = table.to_dict()["rows"]
+    assert records[1]["best_of_k_of"] is None and records[2]["best_of_k_of"] == "Router top-1"
+    json.dumps(table.to_dict(), allow_nan=False)
 
 
 def test_suggestions_row_and_its_static_baselines(lm, items):
