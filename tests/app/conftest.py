@@ -68,3 +68,23 @@ def app_url(real_lm):
         time.sleep(0.5)  # let a debounced event triggered at the very end reach the queue
         _wait_until_idle(demo)
         demo.close()
+
+
+# The browser tests' Chromium: the system's (Playwright's own download does not work here).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per browser-test module (skips where it is not installed)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing: `apt-get install -y chromium` (Playwright's own browser "
+                    "download does not work here)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

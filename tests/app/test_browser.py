@@ -15,27 +15,10 @@ import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.real_model]
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 TIMEOUT = 90_000  # ms: a run on a busy 2-core machine can take many seconds
 TEXT = "#program-text textarea, #program-text input"
 D = 30
-
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"{CHROMIUM} is missing: `apt-get install -y chromium` (Playwright's own browser "
-                "download does not work here)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,11 @@ live link and the browser fetched the image. Needs Chromium (skipped without).
 from __future__ import annotations
 
 import urllib.parse
-from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.real_model]
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT = 90_000
 TRACKER = "tracker.invalid"
 PAYLOAD = (f'<a href="http://{TRACKER}/login" id="pwn-link">Session expired: sign in again</a>'
@@ -25,19 +21,6 @@ PAYLOAD = (f'<a href="http://{TRACKER}/login" id="pwn-link">Session expired: sig
 FOUND = f"""() => [...document.querySelectorAll(
   'a[href*="{TRACKER}"], img[src*="{TRACKER}"], #pwn-link, #pwn-img')].map(e =>
   ((e.closest('[id]') || {{}}).id || '?') + ': ' + e.parentElement.outerHTML.slice(0, 200))"""
-
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"{CHROMIUM} is missing: `apt-get install -y chromium`", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
