@@ -398,8 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--per-family", type=int, default=10, help="items per family (0 = all)")
     search.add_argument("--skip", type=int, default=0,
                         help="skip each family's first SKIP sampled items (a later chunk of a large search)")
-    search.add_argument("--method", default="mcts", choices=("mcts", "greedy", "both"))
-    search.add_argument("--budget", type=int, default=200, help="MCTS simulations / greedy programs per item")
+    search.add_argument("--method", default="mcts", choices=("mcts", "greedy", "influence", "both"),
+                        help="mcts (PoLar/CoLa), greedy single edits, influence (candidates from this item's "
+                             "layer influence, then shortened greedily); both = mcts then greedy")
+    search.add_argument("--budget", type=int, default=200,
+                        help="MCTS simulations / greedy or influence programs per item")
     search.add_argument("--wave", type=int, default=8, help="MCTS simulations scored per batch")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--max-valid", type=int, default=64, help="valid programs kept per item in the file")

@@ -32,6 +32,7 @@ from polar_core.study.scoring import (
     reference_target,
 )
 from polar_core.study.search import LayerPath, SearchError, make_search, run_searches
+from polar_core.study.suggest import influence_plans
 from polar_core.study.tasks import STOP_TEXT, TaskItem, build_prompt
 
 # ---------------------------------------------------------------- task items
@@ -128,7 +129,9 @@ def search_task_items(
     how often the checker accepts an answer other than the forced one.
 
     Args:
-        methods: "mcts" and/or "greedy"; several share one verdict cache per item.
+        methods: "mcts", "greedy" and/or "influence" (candidates from the full
+            program's per-layer influence on the item, then shortened greedily);
+            several share one verdict cache per item.
         group: searches run in lock step together (default: 256 on CUDA, 32 on CPU).
         decode_margin: 0 never decodes a valid program, infinity decodes all.
         cascade: counts the programs the fast pass scored and those rescored.
@@ -159,8 +162,13 @@ def _search_method(lm: LoadedModel, method: str, targets: Sequence[Target], seen
                    fast: LoadedModel | None = None, cascade: CascadeStats | None = None) -> None:
     """One method's searches of every item, in lock-step groups; results go into `seen`."""
     options = {"wave": wave} if method == "mcts" else {}
-    searches = [make_search(method, lm.num_layers, budget=budget, seed=seed, cache=s.verdicts, **options)
-                for s in seen]
+    if method == "influence":  # each item's own candidates, from the full program's pass over its prompt
+        per_item = [{"candidates": cands, "order": order}
+                    for cands, order in influence_plans(lm, [t.prompt_ids for t in targets])]
+    else:
+        per_item = [{}] * len(seen)
+    searches = [make_search(method, lm.num_layers, budget=budget, seed=seed, cache=s.verdicts, **options, **extra)
+                for s, extra in zip(seen, per_item)]
 
     # Groups of similar prompt lengths: a batch is padded to its longest prompt.
     order = sorted(range(len(seen)), key=lambda i: len(targets[i].input_ids))

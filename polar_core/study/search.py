@@ -412,6 +412,64 @@ class GreedySearch(_Search):
         pass
 
 
+class InfluenceSearch(_Search):
+    """Programs proposed by one input's layer influence, then shortened greedily.
+
+    Round 1 scores the full program and ``candidates`` (made from the full
+    program's run on this input: ``polar_core.study.suggest.candidate_programs``).
+    Then, from the shortest valid program so far, each round tries dropping one
+    more of its layers, the ``width`` least influential first (``order``: the
+    layers, least influential first), and keeps the shortest valid result;
+    it stops when none is valid or the budget is spent. Budget = programs scored.
+    """
+
+    method = "influence"
+
+    def __init__(self, num_layers: int, *, candidates: Sequence[Program] = (), order: Sequence[int] = (),
+                 width: int = 6, budget: int = 64, seed: int = 0,
+                 cache: MutableMapping[LayerPath, bool] | None = None):
+        super().__init__(num_layers, budget, seed, cache)
+        if width < 1:
+            raise SearchError(f"width must be >= 1, got {width}")
+        self.candidates = [tuple(p.path) for p in candidates]
+        self.order = [int(layer) for layer in order]
+        self.width = width
+        self.current: LayerPath | None = None  # None: round 1 not asked yet
+        self.trying: list[LayerPath] = []
+
+    def _ask(self) -> list[LayerPath]:
+        while True:
+            if self.current is None:
+                self.current = self.full
+                tries = [self.full, *self.candidates]
+            else:
+                best = self._shortest_valid()
+                if best is None or (self.simulations > 1 and len(best) >= len(self.current)):
+                    return []  # nothing valid, or the last round found nothing shorter
+                self.current = best
+                tries = self._drops(best)
+            self.simulations += 1
+            room = max(self.budget - self.programs_scored, 0)
+            missing = [p for p in dict.fromkeys(tries) if self._look(p) is None][:room]
+            self.trying = [p for p in tries if p in self.cache or p in missing]
+            if missing:
+                return missing
+            if not self.trying or room == 0:
+                return []
+
+    def _shortest_valid(self) -> LayerPath | None:
+        valid = [p for p in self.seen if self.cache.get(p) is True]
+        return min(valid, key=lambda p: (len(p), p)) if valid else None
+
+    def _drops(self, path: LayerPath) -> list[LayerPath]:
+        """`path` without one of its layers, the `width` least influential first."""
+        quiet = [layer for layer in self.order if layer in path][: self.width]
+        return [tuple(step for step in path if step != layer) for layer in quiet if len(path) > 1]
+
+    def _tell(self, paths: list[LayerPath]) -> None:
+        pass
+
+
 # ---------------------------------------------------------------- drivers
 
 
@@ -463,11 +521,11 @@ def greedy_search(scorer: Scorer, num_layers: int, **kwargs) -> SearchResult:
     return run_search(GreedySearch(num_layers, **kwargs), scorer)
 
 
-SEARCHES = {"mcts": MCTS, "greedy": GreedySearch}
+SEARCHES = {"mcts": MCTS, "greedy": GreedySearch, "influence": InfluenceSearch}
 
 
 def make_search(method: str, num_layers: int, **kwargs) -> _Search:
-    """A search by name ("mcts" or "greedy")."""
+    """A search by name ("mcts", "greedy" or "influence")."""
     if method not in SEARCHES:
         raise SearchError(f"unknown search method {method!r}; known: {', '.join(SEARCHES)}")
     return SEARCHES[method](num_layers, **kwargs)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from polar_core.engine.forward import prefill
 from polar_core.engine.generate import Stopping, generate
 from polar_core.engine.inputs import encode_prompts, eos_token_ids, pad_id, pad_left
 from polar_core.engine.models import LoadedModel
@@ -99,6 +100,25 @@ def candidate_programs(influence: torch.Tensor, distances: torch.Tensor, *, max_
         i = path.index(loud[0])
         add(Program(path[: i + 1] + path[i:], depth), f"skip layer {order[0]}, run layer {loud[0]} twice")
     return list(found.values())[:max_candidates]
+
+
+@torch.inference_mode()
+def influence_plans(lm: LoadedModel, prompts: Sequence[Sequence[int]], *, max_candidates: int = MAX_CANDIDATES,
+                    batch_size: int = 16) -> list[tuple[list[Program], list[int]]]:
+    """Per prompt (token ids): this input's candidate programs and its layers,
+    least influential first, from the full program's pass over the prompt.
+    What ``polar_core.study.search.InfluenceSearch`` starts from."""
+    full = Program.full(lm.num_layers)
+    plans = []
+    for lo in range(0, len(prompts), batch_size):
+        batch = pad_left([list(p) for p in prompts[lo : lo + batch_size]], pad_id(lm), lm.device)
+        pre = prefill(lm, batch, [full] * len(batch.lengths), capture="all")
+        for hidden in pre.step_hidden:
+            influence, _, distances = layer_redundancy(hidden)
+            influence = torch.nan_to_num(influence.double(), nan=0.0)
+            cands = candidate_programs(influence, distances, max_candidates=max_candidates)
+            plans.append(([p for p, _ in cands], torch.argsort(influence, stable=True).tolist()))
+    return plans
 
 
 def _encode(lm: LoadedModel, prompt: str | Sequence[int]) -> tuple[list[int], bool]:
@@ -183,4 +203,5 @@ def suggest_many(lm: LoadedModel, prompts: Sequence[str | Sequence[int]], *, k: 
     return out
 
 
-__all__ = ["ANSWER_TOKENS", "Suggestion", "Suggestions", "candidate_programs", "suggest_many", "suggest_programs"]
+__all__ = ["ANSWER_TOKENS", "Suggestion", "Suggestions", "candidate_programs", "influence_plans", "suggest_many",
+           "suggest_programs"]
