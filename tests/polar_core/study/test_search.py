@@ -202,3 +202,57 @@ def test_cascade_and_margin_gated_checks_find_what_float32_and_full_decoding_fin
     assert [r.programs_scored for r in fast] == [r.programs_scored for r in exact]
     assert stats.programs == sum(r.programs_scored for r in fast) and stats.rescored <= stats.programs
     assert all(r.tf_valid_decoded is not None for r in fast)
+
+
+def test_influence_search_scores_its_candidates_then_drops_quiet_layers():
+    """Round 1 is the full program and the candidates; then one quiet layer
+    more per round from the shortest valid program, while that stays valid."""
+    from polar_core.study.search import InfluenceSearch
+
+    quiet = [6, 2, 4, 0, 1, 3, 5, 7]  # least influential first
+    valid_without = {6, 2, 4}  # any program keeping layers 0, 1, 3, 5, 7 is valid
+    scorer = Counting(lambda ps: [all(layer in p.path for layer in range(D) if layer not in valid_without)
+                                  and len(p.path) == len(set(p.path)) for p in ps])
+    candidates = [Program.skip(D, 6, 6), Program.skip(D, 1, 1), Program.loop(D, 3, 3, 2)]
+    result = run_search(InfluenceSearch(D, candidates=candidates, order=quiet, width=2, budget=50), scorer)
+    assert scorer.asked[:4] == [tuple(range(D)), *(p.path for p in candidates)]
+    assert result.shortest.path == (0, 1, 3, 5, 7)  # 6 (a candidate), then 2, then 4 dropped
+    assert result.full_valid is True
+    assert all(p.layer_calls < D or p.is_full for p in result.valid)
+    # Never asks a program twice, and stops once a round finds nothing shorter.
+    assert len(scorer.asked) == len(set(scorer.asked)) == result.programs_scored
+
+
+def test_influence_search_respects_its_budget_and_a_shared_cache():
+    from polar_core.study.search import InfluenceSearch
+
+    candidates = [Program.skip(D, layer, layer) for layer in range(D)]
+    scorer = Counting(lambda ps: [True] * len(ps))
+    result = run_search(InfluenceSearch(D, candidates=candidates, order=list(range(D)), budget=5), scorer)
+    assert result.programs_scored == len(scorer.asked) == 5
+    cache = {p.path: False for p in candidates}
+    again = Counting(lambda ps: [False] * len(ps))
+    result = run_search(InfluenceSearch(D, candidates=candidates, order=list(range(D)), cache=cache), again)
+    assert again.asked == [tuple(range(D))] and result.valid == []  # the cached verdicts cost nothing
+    with pytest.raises(SearchError):
+        InfluenceSearch(D, width=0)
+
+
+def test_influence_method_searches_task_items_on_a_tiny_model():
+    """search_task_items with the influence method: the candidates come from
+    each item's own run, every kept program is verified by decoding."""
+    from tiny import tiny_lm_with_chars
+
+    from polar_core.study.find import search_task_items
+    from polar_core.study.suggest import influence_plans
+    from polar_core.study.tasks import sample_items
+
+    lm = tiny_lm_with_chars()
+    items = sample_items("capitals", 2, "test") + sample_items("plurals", 1, "test")
+    records = search_task_items(lm, items, methods=("influence",), budget=12, decode_margin=float("inf"))
+    assert [r.item_id for r in records] == [it.id for it in items]
+    assert all(0 < r.programs_scored <= 12 and r.seen_by["influence"] for r in records)
+    assert all(r.tf_valid_rejected == 0 or r.tf_valid_decoded for r in records)
+    ids = lm.tokenizer("a b c d e f")["input_ids"]
+    (cands, order), = influence_plans(lm, [ids])
+    assert sorted(order) == list(range(lm.num_layers)) and cands and not any(p.is_full for p in cands)
