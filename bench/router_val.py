@@ -7,7 +7,7 @@ programs, beside the full program. One Runner serves every configuration, so
 a program runs once per item.
 
     python bench/router_val.py --supervision polar_core/assets/supervision/smollm2_train.json \
-        --configs 0 15 15p --out bench/results/router_val.json
+        --configs 0 15 15p 0w1.0 --out bench/results/router_val.json
 """
 from __future__ import annotations
 
@@ -30,9 +30,12 @@ from polar_core.study.tasks import FAMILIES, sample_items  # noqa: E402
 
 
 def parse_config(text: str) -> dict:
-    """"15p" = features after 15 layers, pooled; "0" = token embeddings."""
+    """"15p" = features after 15 layers, pooled; "0" = token embeddings; a
+    suffix "w1.0" sets the full program's target weight (``full_path_weight``)."""
+    text, _, weight = text.partition("w")
     pooled = text.endswith("p")
-    return {"feature_layer": int(text.rstrip("p")), "pooled": pooled}
+    config = {"feature_layer": int(text.rstrip("p")), "pooled": pooled}
+    return {**config, "full_path_weight": float(weight)} if weight else config
 
 
 def main(argv=None) -> int:

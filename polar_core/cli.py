@@ -147,7 +147,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.exclude_family:
         family = {it.question: it.family for it in tasks.load_suite()}
         samples = [s for s in samples if family.get(s.question) != args.exclude_family]
-    config = dataclasses.replace(RouterConfig.for_model(lm), feature_layer=args.feature_layer, pooled=args.pooled)
+    config = dataclasses.replace(RouterConfig.for_model(lm), feature_layer=args.feature_layer, pooled=args.pooled,
+                                 full_path_weight=args.full_path_weight)
     router = train_router(lm, samples, config, epochs=args.epochs, seed=args.seed, lr=args.lr)
     out = save_router(router, args.out)
     losses = router.loss_history
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--feature-layer", type=int, default=0, help="0 = token embeddings; k = after k layers")
     train.add_argument("--pooled", action="store_true", help="also give every layer query the prompt's mean feature")
+    train.add_argument("--full-path-weight", type=float, default=RouterConfig.full_path_weight,
+                       help="the full program's weight as a target where it is valid beside a shorter program "
+                            "(higher: a more cautious router)")
     train.add_argument("--exclude-family", default=None, help="leave a task family out of training")
     _add_model_args(train)
     train.set_defaults(func=_cmd_train)
