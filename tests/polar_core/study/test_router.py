@@ -1,6 +1,7 @@
 """polar_core.study.router: network shapes, targets, beam search, training, checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -118,6 +119,8 @@ def test_sample_targets_weights_full_path():
     only_full = SupervisionSample("q", "a", (full,), initial_score=1.0)
     assert dict(sample_targets(only_full, config)) == {full: 1.0}
     assert sample_targets(SupervisionSample("q", "a", ()), config) == []
+    cautious = dataclasses.replace(config, full_path_weight=1.0)  # `train --full-path-weight 1.0`
+    assert dict(sample_targets(s, cautious)) == {short: 1.0, full: 1.0}
 
 
 # ---------------------------------------------------------------- beam search
