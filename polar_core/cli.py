@@ -235,7 +235,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
              "device": info["device"], "dtype": info["dtype"], "methods": methods, "budget": args.budget,
              "seed": args.seed, "wave": args.wave, "split": args.split, "families": families,
              "per_family": args.per_family, "skip": args.skip, "seconds": round(seconds, 1),
-             "scoring": (f"bfloat16 pass, float32 for programs within margin +-{CASCADE_MARGIN}" if fast is not None
+             "scoring": (f"bfloat16 pass, float32 for programs above margin -{CASCADE_MARGIN}" if fast is not None
                          else f"{info['dtype']} teacher forcing"),
              "programs_rescored_float32": cascade.rescored if fast is not None else None,
              "decode_margin": args.decode_margin, "recheck_invalid": args.recheck_invalid,
