@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from polar_core.engine.cpu.layout import cpuinfo_field
+from polar_core.engine.cpu.packed import onednn_products
 from polar_core.engine.forward import forward_logits
 from polar_core.engine.generate import PromptPassStopped, Stopping, generate
 from polar_core.engine.inputs import eos_token_ids, pad_id, pad_left, resolve_programs
@@ -207,10 +208,11 @@ def _default_max_rows(lm: LoadedModel) -> int:
 
 
 def _default_call_cost(lm: LoadedModel) -> int:
-    # What one more layer call costs, in row-tokens of work: on a CPU ~0.5 ms
-    # of fixed cost per call against ~22 us per row-token (SmolLM2-135M,
-    # bfloat16 and float32 alike: measured ~22 row-tokens; 32 leans towards
-    # fewer calls). On a GPU a call costs far more than padding: one call.
+    # What one more layer call costs, in row-tokens of work. Measured on a CPU
+    # (SmolLM2-135M, 1 thread): a call's fixed cost is ~0.5 ms in bfloat16 and
+    # ~1.7 ms in float32, a row-token ~22 and ~72 us, so ~22 row-tokens either
+    # way; 32 leans towards fewer calls. On a GPU a call costs far more than
+    # padding: one call, as before.
     return 1 << 40 if lm.device.type == "cuda" else 32
 
 
@@ -303,35 +305,44 @@ def teacher_forced_scores(
         for layer, child in trie.children[job].items():
             ready.setdefault(layer, []).append(child)
     masks: dict[int, torch.Tensor] = {}
-    while ready:
-        layer = min(ready)
-        nodes = ready.pop(layer)
-        groups = width_groups([lengths[trie.target[c]] for c in nodes], call_cost)
-        for group in ([nodes[i] for i in g] for g in groups):
-            for lo in range(0, len(group), max_rows):
-                chunk = group[lo : lo + max_rows]
-                width = max(lengths[trie.target[c]] for c in chunk)
-                # Rows that come from the same earlier output go together, in its order: fewer copies.
-                first_seen: dict[int, int] = {}
-                for c in chunk:
-                    first_seen.setdefault(id(states[trie.parent[c]][0]), len(first_seen))
-                chunk.sort(key=lambda c: (first_seen[id(states[trie.parent[c]][0])], states[trie.parent[c]][1]))
-                rows_in = _gather([states[trie.parent[c]] for c in chunk], width)
-                hidden = adapter.run_layer(layer, rows_in, positions.get(width))  # (n, width, d)
-                ended = []
-                for row, node in enumerate(chunk):
-                    parent = trie.parent[node]
-                    waiting[parent] -= 1
-                    if not waiting[parent]:
-                        del states[parent]
-                    if trie.children[node]:
-                        states[node] = (hidden, row)
-                        for next_layer, child in trie.children[node].items():
-                            ready.setdefault(next_layer, []).append(child)
-                    if node in trie.ends:
-                        ended.append((row, node))
-                _score_ends(adapter, trie, ended, hidden, targets, masks, out)
+    with onednn_products():  # float32 on a CPU: oneDNN's products, ~2x MKL's here (engine.cpu.packed)
+        while ready:
+            layer = min(ready)
+            nodes = ready.pop(layer)
+            groups = width_groups([lengths[trie.target[c]] for c in nodes], call_cost)
+            for group in ([nodes[i] for i in g] for g in groups):
+                for lo in range(0, len(group), max_rows):
+                    chunk = group[lo : lo + max_rows]
+                    width = max(lengths[trie.target[c]] for c in chunk)
+                    hidden, ended = _run_call(adapter, trie, layer, chunk, width, positions, states, waiting, ready)
+                    _score_ends(adapter, trie, ended, hidden, targets, masks, out)
     return out  # type: ignore[return-value]
+
+
+def _run_call(adapter, trie: _Trie, layer: int, chunk: list[int], width: int, positions, states, waiting, ready):
+    """One layer call on the rows of `chunk` (trie nodes) at `width`; updates
+    the states, frees parents no child needs any more, queues the children.
+    Returns the output (n, width, d) and [(row, node)] of the nodes where
+    programs end."""
+    # Rows that come from the same earlier output go together, in its order: fewer copies.
+    first_seen: dict[int, int] = {}
+    for c in chunk:
+        first_seen.setdefault(id(states[trie.parent[c]][0]), len(first_seen))
+    chunk.sort(key=lambda c: (first_seen[id(states[trie.parent[c]][0])], states[trie.parent[c]][1]))
+    hidden = adapter.run_layer(layer, _gather([states[trie.parent[c]] for c in chunk], width), positions.get(width))
+    ended = []
+    for row, node in enumerate(chunk):
+        parent = trie.parent[node]
+        waiting[parent] -= 1
+        if not waiting[parent]:
+            del states[parent]
+        if trie.children[node]:
+            states[node] = (hidden, row)
+            for next_layer, child in trie.children[node].items():
+                ready.setdefault(next_layer, []).append(child)
+        if node in trie.ends:
+            ended.append((row, node))
+    return hidden, ended
 
 
 class _Positions:
@@ -604,7 +615,9 @@ def decode_many(
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
         batch = pad_left([prompt_ids[pairs[i][0].id] for i in chunk], pad_id(lm), lm.device)
-        traces = generate(lm, batch, [pairs[i][1] for i in chunk], max_new_tokens=max_new_tokens, stopping=Stopping(strings=(STOP_TEXT,)))
+        with onednn_products():  # the prompt pass's products (decoding steps keep the codes)
+            traces = generate(lm, batch, [pairs[i][1] for i in chunk], max_new_tokens=max_new_tokens,
+                              stopping=Stopping(strings=(STOP_TEXT,)))
         for i, trace in zip(chunk, traces):
             verdicts[i] = check_answer(extract_answer(trace.text), pairs[i][0])
         if progress is not None:
