@@ -19,7 +19,8 @@ float32 scale (and minimum, for Q4_K) per 16 inputs: formats "i8x16" and
 
 The model stays the same function with the same weights: the float32
 `weight` is kept (prompt passes longer than a format's `max_rows`, the logit lens
-and everything else that reads weights use it), and a packed product differs
+and everything else that reads weights use it; the program search's many-row
+products multiply it through oneDNN, see `onednn_products`), and a packed product differs
 from the float32 one only in the rounding of a different summation order, as
 between two BLAS kernels. The model's own `forward` and the executor share
 the modules, so the identity program still equals the unmodified model.
