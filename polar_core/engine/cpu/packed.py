@@ -254,9 +254,9 @@ def pack_weight(kernel: Kernel, weight: torch.Tensor) -> tuple[str, tuple[torch.
 
 # Products of more rows than a format's max_rows (prompt passes, teacher forcing)
 # use the float32 weight. PyTorch's float32 linear calls MKL, which on the AMD
-# EPYC hosts of this project runs at ~96 GFLOP/s on one core (its AVX2 code);
-# oneDNN's product of the same weight, packed once into its blocked layout, runs
-# 2.2-2.5x faster (bench/results/search_throughput.md). Opt-in per thread and
+# EPYC hosts of this project runs at ~100 GFLOP/s on one core (about AVX2's
+# peak); oneDNN's product of the same weight, packed once into its blocked
+# layout, runs 1.7-2.4x faster (bench/bench_onednn.py). Opt-in per thread and
 # per block (`onednn_products`): the search's scoring uses it; everything else
 # keeps MKL's rounding, so outputs elsewhere do not move in their last bits.
 _ONEDNN = contextvars.ContextVar("polar_onednn_products", default=False)
