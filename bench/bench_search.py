@@ -207,6 +207,7 @@ def pipeline(lm, args) -> int:
               "scoring phase, checks excluded (wall)": old["search_seconds"] / new["search_seconds"],
               "checks by decoding (wall)": old["checks_seconds"] / max(new["checks_seconds"], 1e-9)}
     per_chunk = [o["seconds"] / n["seconds"] for o, n in zip(totals[names[True]], totals[names[False]])]
+    per_chunk_cpu = [o["cpu_seconds"] / n["cpu_seconds"] for o, n in zip(totals[names[True]], totals[names[False]])]
     print(f"\nmodel {info['name']} on {info['device']} ({info['dtype']}); {len(items)} test items in {len(chunks)} "
           f"chunks, MCTS budget {args.budget}; fast pass: {'bfloat16' if fast is not None else 'none'}")
     for name, f in figures.items():
@@ -215,7 +216,7 @@ def pipeline(lm, args) -> int:
               f"{f['programs_per_s']:.2f} programs/s")
     for name, r in ratios.items():
         print(f"speed-up, {name}: {r:.2f}x")
-    print(f"per-chunk wall ratios: {[round(r, 2) for r in per_chunk]}")
+    print(f"per-chunk wall ratios: {[round(r, 2) for r in per_chunk]}; CPU time: {[round(r, 2) for r in per_chunk_cpu]}")
     print(f"valid programs identical ({sum(len(v) for r in totals[names[True]] for v in r['valid'])} over "
           f"{len(items)} items); rescored in float32: {new['rescored']:.0f} of {new['programs_fast']:.0f}; "
           f"largest margin shift of a valid program under bfloat16: {new['max_valid_shift']}")
@@ -225,6 +226,7 @@ def pipeline(lm, args) -> int:
             "dtype": info["dtype"], "items": [it.id for it in items], "budget": args.budget, "chunk": args.chunk,
             "fast": "bfloat16" if fast is not None else None, "ways": figures,
             "speedups": {k: round(v, 2) for k, v in ratios.items()}, "per_chunk_wall_ratio": [round(r, 2) for r in per_chunk],
+            "per_chunk_cpu_ratio": [round(r, 2) for r in per_chunk_cpu],
         }, indent=1) + "\n")
     return 0
 

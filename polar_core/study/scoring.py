@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from polar_core.engine.cpu.layout import cpuinfo_field
+from polar_core.engine.cpu.packed import onednn_products
 from polar_core.engine.forward import forward_logits
 from polar_core.engine.generate import PromptPassStopped, Stopping, generate
 from polar_core.engine.inputs import eos_token_ids, pad_id, pad_left, resolve_programs
@@ -206,6 +207,42 @@ def _default_max_rows(lm: LoadedModel) -> int:
     return 1024 if lm.device.type == "cuda" else 128
 
 
+def _default_call_cost(lm: LoadedModel) -> int:
+    # What one more layer call costs, in row-tokens of work. Measured on a CPU
+    # (SmolLM2-135M, 1 thread): a call's fixed cost is ~0.5 ms in bfloat16 and
+    # ~1.7 ms in float32, a row-token ~22 and ~72 us, so ~22 row-tokens either
+    # way; 32 leans towards fewer calls. On a GPU a call costs far more than
+    # padding: one call, as before.
+    return 1 << 40 if lm.device.type == "cuda" else 32
+
+
+def width_groups(widths: Sequence[int], call_cost: int) -> list[list[int]]:
+    """Split row indices into groups, each run as calls of its longest width.
+
+    Rows are right-padded, so a row may run at any width >= its own; this
+    picks the cut of the rows sorted by width that minimises padded
+    row-tokens + call_cost per group (a small dynamic programme over the
+    distinct widths). call_cost 0 gives one group per width, a huge one a
+    single group (every row at the widest).
+    """
+    distinct = sorted(set(widths))
+    count = [sum(1 for w in widths if w == d) for d in distinct]
+    best = [0] + [None] * len(distinct)  # best[j]: cost of the first j widths
+    cut = [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        rows = 0
+        for i in range(j - 1, -1, -1):  # group = widths i..j-1, run at distinct[j-1]
+            rows += count[i]
+            cost = best[i] + rows * distinct[j - 1] + call_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], len(distinct)
+    while j:
+        bounds.append((distinct[cut[j]], distinct[j - 1]))
+        j = cut[j]
+    return [[r for r, w in enumerate(widths) if lo <= w <= hi] for lo, hi in reversed(bounds)]
+
+
 def pad_right(rows: Sequence[Sequence[int]], pad: int, device) -> torch.Tensor:
     """Right-pad token-id lists into (B, T): pads after every real token."""
     width = max(len(r) for r in rows)
@@ -221,6 +258,7 @@ def teacher_forced_scores(
     jobs: Sequence[tuple[Target, Sequence[Program]]],
     *,
     max_rows: int | None = None,
+    call_cost: int | None = None,
 ) -> list[list[TFScore]]:
     """Teacher-forced scores of many programs on many targets, prefixes shared.
 
@@ -233,9 +271,17 @@ def teacher_forced_scores(
     (a level would hold a few: after a skip, programs sit at different
     layers at the same step).
 
+    Right padding also lets a call stop at its longest row: a layer's rows
+    are cut into groups of similar lengths (``width_groups``), each run only
+    as wide as it needs, so a short prompt does not pay for a long one's
+    tokens (3-shot prompts here are 58-133 tokens).
+
     Args:
         jobs: (target, programs) pairs; targets may differ in length.
         max_rows: most rows per layer call (default: 1024 on CUDA, 128 on CPU).
+        call_cost: one more layer call's cost in row-tokens, which sets how
+            finely rows are grouped by length (default: 32 on CPU, one group
+            on CUDA).
     Returns:
         Per job, one TFScore per program, in order.
     """
@@ -246,9 +292,11 @@ def teacher_forced_scores(
         return out  # type: ignore[return-value]
     adapter = lm.adapter
     max_rows = max_rows or _default_max_rows(lm)
+    call_cost = _default_call_cost(lm) if call_cost is None else call_cost
     targets = [t for t, _ in jobs]
+    lengths = [len(t.input_ids) for t in targets]
     embedded = adapter.embed(pad_right([t.input_ids for t in targets], pad_id(lm), lm.device))  # (J, T, d)
-    pos = adapter.causal_positions(embedded)
+    positions = _Positions(adapter, embedded)
     trie = _Trie.build([[p.path for p in ps] for _, ps in jobs])
     states = {job: (embedded, job) for job in range(len(jobs))}  # node -> (tensor, row), while a child needs it
     waiting = [len(c) for c in trie.children]  # children not computed yet, per node
@@ -257,37 +305,64 @@ def teacher_forced_scores(
         for layer, child in trie.children[job].items():
             ready.setdefault(layer, []).append(child)
     masks: dict[int, torch.Tensor] = {}
-    while ready:
-        layer = min(ready)
-        nodes = ready.pop(layer)
-        for lo in range(0, len(nodes), max_rows):
-            chunk = nodes[lo : lo + max_rows]
-            # Rows that come from the same earlier output go together, in its order: fewer copies.
-            first_seen: dict[int, int] = {}
-            for c in chunk:
-                first_seen.setdefault(id(states[trie.parent[c]][0]), len(first_seen))
-            chunk.sort(key=lambda c: (first_seen[id(states[trie.parent[c]][0])], states[trie.parent[c]][1]))
-            hidden = adapter.run_layer(layer, _gather([states[trie.parent[c]] for c in chunk]), pos)  # (n, T, d)
-            ended = []
-            for row, node in enumerate(chunk):
-                parent = trie.parent[node]
-                waiting[parent] -= 1
-                if not waiting[parent]:
-                    del states[parent]
-                if trie.children[node]:
-                    states[node] = (hidden, row)
-                    for next_layer, child in trie.children[node].items():
-                        ready.setdefault(next_layer, []).append(child)
-                if node in trie.ends:
-                    ended.append((row, node))
-            _score_ends(adapter, trie, ended, hidden, targets, masks, out)
+    with onednn_products():  # float32 on a CPU: oneDNN's products, ~2x MKL's here (engine.cpu.packed)
+        while ready:
+            layer = min(ready)
+            nodes = ready.pop(layer)
+            groups = width_groups([lengths[trie.target[c]] for c in nodes], call_cost)
+            for group in ([nodes[i] for i in g] for g in groups):
+                for lo in range(0, len(group), max_rows):
+                    chunk = group[lo : lo + max_rows]
+                    width = max(lengths[trie.target[c]] for c in chunk)
+                    hidden, ended = _run_call(adapter, trie, layer, chunk, width, positions, states, waiting, ready)
+                    _score_ends(adapter, trie, ended, hidden, targets, masks, out)
     return out  # type: ignore[return-value]
 
 
-def _gather(sources: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-    """Rows of earlier outputs stacked (n, T, d), with as few copies as possible:
-    none when they are one earlier output whole and in order (a chain of layers),
-    else one index_select per earlier output (rows sorted by source first)."""
+def _run_call(adapter, trie: _Trie, layer: int, chunk: list[int], width: int, positions, states, waiting, ready):
+    """One layer call on the rows of `chunk` (trie nodes) at `width`; updates
+    the states, frees parents no child needs any more, queues the children.
+    Returns the output (n, width, d) and [(row, node)] of the nodes where
+    programs end."""
+    # Rows that come from the same earlier output go together, in its order: fewer copies.
+    first_seen: dict[int, int] = {}
+    for c in chunk:
+        first_seen.setdefault(id(states[trie.parent[c]][0]), len(first_seen))
+    chunk.sort(key=lambda c: (first_seen[id(states[trie.parent[c]][0])], states[trie.parent[c]][1]))
+    hidden = adapter.run_layer(layer, _gather([states[trie.parent[c]] for c in chunk], width), positions.get(width))
+    ended = []
+    for row, node in enumerate(chunk):
+        parent = trie.parent[node]
+        waiting[parent] -= 1
+        if not waiting[parent]:
+            del states[parent]
+        if trie.children[node]:
+            states[node] = (hidden, row)
+            for next_layer, child in trie.children[node].items():
+                ready.setdefault(next_layer, []).append(child)
+        if node in trie.ends:
+            ended.append((row, node))
+    return hidden, ended
+
+
+class _Positions:
+    """Causal position tables of right-padded rows, one per call width (made once each)."""
+
+    def __init__(self, adapter, embedded: torch.Tensor):
+        self.adapter, self.embedded, self.tables = adapter, embedded, {}
+
+    def get(self, width: int):
+        if width not in self.tables:
+            self.tables[width] = self.adapter.causal_positions(self.embedded[:1, :width])
+        return self.tables[width]
+
+
+def _gather(sources: list[tuple[torch.Tensor, int]], width: int) -> torch.Tensor:
+    """Rows of earlier outputs stacked (n, width, d), with as few copies as possible:
+    none when they are one earlier output whole and in order at this width (a
+    chain of layers), else one index_select per earlier output (rows sorted by
+    source first). An output narrower than `width` is zero-padded on the right
+    (past its rows' real tokens: no real token attends there), a wider one cut."""
     pieces, start = [], 0
     while start < len(sources):
         tensor = sources[start][0]
@@ -295,10 +370,13 @@ def _gather(sources: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
         while end < len(sources) and sources[end][0] is tensor:
             end += 1
         rows = [r for _, r in sources[start:end]]
-        if rows == list(range(tensor.shape[0])):
-            pieces.append(tensor)
-        else:
-            pieces.append(tensor.index_select(0, torch.tensor(rows, device=tensor.device)))
+        if rows != list(range(tensor.shape[0])):
+            tensor = tensor.index_select(0, torch.tensor(rows, device=tensor.device))
+        if tensor.shape[1] > width:
+            tensor = tensor[:, :width]
+        elif tensor.shape[1] < width:
+            tensor = torch.nn.functional.pad(tensor, (0, 0, 0, width - tensor.shape[1]))
+        pieces.append(tensor)
         start = end
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -327,10 +405,12 @@ def _score_ends(adapter, trie: _Trie, ended, hidden: torch.Tensor, targets, mask
 
 # A program the bfloat16 pass scores at a margin at or below -CASCADE_MARGIN is
 # taken as invalid; every other program is scored again in float32, whose
-# verdict counts. Measured on SmolLM2-135M (bench/results/search_throughput.md):
-# float32-valid programs moved by at most ~0.3 logits under bfloat16, invalid
-# ones by up to ~8 (their margins are large), so a valid program never comes
-# near -2.0 while ~85% of invalid ones fall below it.
+# verdict counts. Measured on SmolLM2-135M (bench/results/cascade_margins.md,
+# 868 programs of 32 train items, and search_throughput.md): float32-valid
+# programs fell by at most ~0.35 logits under bfloat16, so none came near -2.0,
+# while ~85% of invalid ones fall below it. Invalid programs moved by up to
+# ~14 (their margins are large) and, near the boundary, by up to 2.7: the
+# sample of valid programs (34) is small, so 2.0 is supported, not proven.
 CASCADE_MARGIN = 2.0
 
 
@@ -535,7 +615,9 @@ def decode_many(
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
         batch = pad_left([prompt_ids[pairs[i][0].id] for i in chunk], pad_id(lm), lm.device)
-        traces = generate(lm, batch, [pairs[i][1] for i in chunk], max_new_tokens=max_new_tokens, stopping=Stopping(strings=(STOP_TEXT,)))
+        with onednn_products():  # the prompt pass's products (decoding steps keep the codes)
+            traces = generate(lm, batch, [pairs[i][1] for i in chunk], max_new_tokens=max_new_tokens,
+                              stopping=Stopping(strings=(STOP_TEXT,)))
         for i, trace in zip(chunk, traces):
             verdicts[i] = check_answer(extract_answer(trace.text), pairs[i][0])
         if progress is not None:
@@ -592,4 +674,5 @@ __all__ = [
     "teacher_forced_scores",
     "teacher_forced_scores_unshared",
     "teacher_forced_valid",
+    "width_groups",
 ]

@@ -19,7 +19,8 @@ float32 scale (and minimum, for Q4_K) per 16 inputs: formats "i8x16" and
 
 The model stays the same function with the same weights: the float32
 `weight` is kept (prompt passes longer than a format's `max_rows`, the logit lens
-and everything else that reads weights use it), and a packed product differs
+and everything else that reads weights use it; the program search's many-row
+products multiply it through oneDNN, see `onednn_products`), and a packed product differs
 from the float32 one only in the rounding of a different summation order, as
 between two BLAS kernels. The model's own `forward` and the executor share
 the modules, so the identity program still equals the unmodified model.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -40,6 +42,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,12 +252,47 @@ def pack_weight(kernel: Kernel, weight: torch.Tensor) -> tuple[str, tuple[torch.
 # -- the module ---------------------------------------------------------------------
 
 
+# Products of more rows than a format's max_rows (prompt passes, teacher forcing)
+# use the float32 weight. PyTorch's float32 linear calls MKL, which on the AMD
+# EPYC hosts of this project runs at ~100 GFLOP/s on one core (about AVX2's
+# peak); oneDNN's product of the same weight, packed once into its blocked
+# layout, runs 1.7-2.4x faster (bench/bench_onednn.py). Opt-in per thread and
+# per block (`onednn_products`): the search's scoring uses it; everything else
+# keeps MKL's rounding, so outputs elsewhere do not move in their last bits.
+_ONEDNN = contextvars.ContextVar("polar_onednn_products", default=False)
+# module -> ((weight storage, version), the weight packed for oneDNN). Kept beside
+# the modules, not on them: oneDNN's tensors cannot be deep-copied with a model.
+_ONEDNN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's packed-weight linear (the x86 CPU wheels do)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight"))
+
+
+@contextlib.contextmanager
+def onednn_products():
+    """Inside the block, in this thread, packed Linears multiply many rows with oneDNN (see _ONEDNN).
+
+    Only this thread's products change (a context variable, not the shared
+    modules), so a model serving other requests is not affected. The first
+    product of each weight packs it for oneDNN (a float32 copy, kept)."""
+    token = _ONEDNN.set(onednn_available())
+    try:
+        yield
+    finally:
+        _ONEDNN.reset(token)
+
+
 class PackedLinear(torch.nn.Linear):
     """A Linear that multiplies a few rows with its weight's codes.
 
     Made by `pack_linears` from a plain Linear (its class is switched in
     place, so parameter names, the float32 weight and hooks stay); products
-    of more rows, other dtypes or devices, and autograd use the weight.
+    of more rows, other dtypes or devices, and autograd use the weight
+    (through oneDNN inside `onednn_products`).
     """
 
     linear_kernels: dict = {}  # format name -> compiled product; per process, set by pack_linears
@@ -263,9 +301,11 @@ class PackedLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (not 0 < rows <= self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or rows == 0
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return F.linear(x, self.weight, self.bias)
+        if rows > self.max_rows:
+            return self._onednn_product(x) if _ONEDNN.get() else F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features).contiguous()
         y = torch.empty(rows, self.out_features)
         failed = self.linear_kernels[self.code_format](
@@ -276,6 +316,16 @@ class PackedLinear(torch.nn.Linear):
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _onednn_product(self, x: torch.Tensor) -> torch.Tensor:
+        # The packed copy is remembered with the weight it was made from
+        # (storage and version), so a changed weight is packed again.
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = _ONEDNN_WEIGHTS.get(self)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
+            _ONEDNN_WEIGHTS[self] = cached
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), cached[1], self.bias, "none", [], "")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from polar_core.study.scoring import (
     teacher_forced_scores,
     teacher_forced_scores_unshared,
     teacher_forced_valid,
+    width_groups,
 )
 from polar_core.study.search import loop_edits, skip_edits
 
@@ -70,6 +71,37 @@ def test_prefix_shared_scores_equal_unshared(family):
         alone = teacher_forced_scores_unshared(lm, target, programs)
         assert [s.valid for s in got] == [s.valid for s in alone]
         torch.testing.assert_close(torch.tensor([s.margin for s in got]), torch.tensor([s.margin for s in alone]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("call_cost", [0, 10, 1 << 40])
+def test_calls_cut_to_their_rows_widths_change_nothing(family, call_cost):
+    """Three prompts of three lengths, one call per width (call_cost 0), one
+    call at the widest (huge call_cost) or in between (10: the groups change
+    from layer to layer with the rows that reach it, so rows of a short prompt
+    go through wider calls, zero-padded, and back, cut): the same scores as
+    each program alone, so cutting a call at its longest row is exact."""
+    lm = build_tiny(family)
+    programs = _programs(lm.num_layers)
+    prompts = (*PROMPTS, [9, 8, 7, 6, 5, 4, 3, 4, 5])
+    targets = [Target(p, [p[-1] + 1, p[-1] + 2], {2, 7}) for p in prompts]
+    shared = teacher_forced_scores(lm, [(t, programs) for t in targets], max_rows=5, call_cost=call_cost)
+    for target, got in zip(targets, shared):
+        alone = teacher_forced_scores_unshared(lm, target, programs)
+        assert [s.valid for s in got] == [s.valid for s in alone]
+        torch.testing.assert_close(torch.tensor([s.margin for s in got]), torch.tensor([s.margin for s in alone]),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_width_groups_trade_padding_for_calls():
+    widths = [60, 62, 130, 60, 133, 61]
+    assert width_groups(widths, 1 << 40) == [list(range(6))]  # one call, all at 133
+    assert width_groups(widths, 0) == [[0, 3], [5], [1], [2], [4]]  # one per width, no padding
+    # A call's cost of 32 row-tokens: 60-62 together (4 padded row-tokens), 130-133 together (3).
+    assert width_groups(widths, 32) == [[0, 1, 3, 5], [2, 4]]
+    groups = width_groups([7, 3, 3, 9, 5, 7, 100], 10)
+    assert sorted(r for g in groups for r in g) == list(range(7))  # every row once
+    assert width_groups([], 32) == []
 
 
 def test_margin_sign_matches_validity():

@@ -221,3 +221,36 @@ def test_float_weights_are_left_alone(tmp_path):
     lm = build_tiny.__wrapped__("llama")
     report = packed.pack_linears(lm.model, tmp_path)
     assert report.packed == {} and not any(type(m) is packed.PackedLinear for m in lm.model.modules())
+
+
+@needs_kernel
+@pytest.mark.skipif(not packed.onednn_available(), reason="no oneDNN linear in this torch")
+def test_onednn_products_are_the_float32_product_in_this_thread_only(kernel_dir):
+    """Inside `onednn_products` many-row products go through oneDNN: the same
+    product up to rounding, in this thread only (another thread keeps MKL's
+    bits), and the identity program still equals the model's own forward."""
+    import threading
+
+    lm = q4_model()
+    packed.pack_linears(lm.model, kernel_dir)
+    linear = lm.model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 40, linear.in_features)[:, :33]  # 66 rows > max_rows, a non-contiguous view
+    elsewhere = {}
+    with torch.inference_mode():
+        mkl = linear(x)
+        with packed.onednn_products():
+            fast = linear(x)
+            worker = threading.Thread(target=lambda: elsewhere.setdefault("y", linear(x)))
+            worker.start()
+            worker.join()
+            few = linear(x[:1, :3])  # a few rows keep the codes
+        assert linear in packed._ONEDNN_WEIGHTS
+        torch.testing.assert_close(fast, mkl, rtol=1e-5, atol=1e-5)
+        assert torch.equal(elsewhere["y"], mkl)
+        torch.testing.assert_close(few, mkl[:1, :3], rtol=1e-5, atol=1e-5)
+        batch = pad_left([list(range(3, 40))], pad_id=0, device="cpu")
+        identity = resolve_programs(lm, Program.full(lm.num_layers), 1)
+        with packed.onednn_products():
+            own = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            torch.testing.assert_close(forward_logits(lm, batch, identity), own, rtol=0, atol=0)
+    copy.deepcopy(lm.model)  # the packed copy does not get in the way of copies
