@@ -434,28 +434,31 @@ class InfluenceSearch(_Search):
         self.candidates = [tuple(p.path) for p in candidates]
         self.order = [int(layer) for layer in order]
         self.width = width
-        self.current: LayerPath | None = None  # None: round 1 not asked yet
-        self.trying: list[LayerPath] = []
+        self.current: LayerPath | None = None  # the program the last round shortened (None: none yet)
 
     def _ask(self) -> list[LayerPath]:
         while True:
-            if self.current is None:
-                self.current = self.full
-                tries = [self.full, *self.candidates]
-            else:
-                best = self._shortest_valid()
-                if best is None or (self.simulations > 1 and len(best) >= len(self.current)):
-                    return []  # nothing valid, or the last round found nothing shorter
-                self.current = best
-                tries = self._drops(best)
+            tries = self._next_round()
+            if tries is None:
+                return []
             self.simulations += 1
             room = max(self.budget - self.programs_scored, 0)
             missing = [p for p in dict.fromkeys(tries) if self._look(p) is None][:room]
-            self.trying = [p for p in tries if p in self.cache or p in missing]
             if missing:
                 return missing
-            if not self.trying or room == 0:
+            if room == 0 or not tries:
                 return []
+            # Every program of this round was scored already (a shared cache): go on to the next.
+
+    def _next_round(self) -> list[LayerPath] | None:
+        """The programs of the next round, or None when the search is over."""
+        if self.simulations == 0:
+            return [self.full, *self.candidates]
+        best = self._shortest_valid()
+        if best is None or (self.current is not None and len(best) >= len(self.current)):
+            return None  # nothing valid, or the last round found nothing shorter
+        self.current = best
+        return self._drops(best)
 
     def _shortest_valid(self) -> LayerPath | None:
         valid = [p for p in self.seen if self.cache.get(p) is True]

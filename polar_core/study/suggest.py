@@ -102,6 +102,13 @@ def candidate_programs(influence: torch.Tensor, distances: torch.Tensor, *, max_
     return list(found.values())[:max_candidates]
 
 
+def _influence_candidates(step_hidden: torch.Tensor, max_candidates: int):
+    """One full-program trajectory -> this input's block influence (D,) and its candidates."""
+    influence, _, distances = layer_redundancy(step_hidden)  # per layer, this input
+    influence = torch.nan_to_num(influence.double(), nan=0.0)
+    return influence, candidate_programs(influence, distances, max_candidates=max_candidates)
+
+
 @torch.inference_mode()
 def influence_plans(lm: LoadedModel, prompts: Sequence[Sequence[int]], *, max_candidates: int = MAX_CANDIDATES,
                     batch_size: int = 16) -> list[tuple[list[Program], list[int]]]:
@@ -114,9 +121,7 @@ def influence_plans(lm: LoadedModel, prompts: Sequence[Sequence[int]], *, max_ca
         batch = pad_left([list(p) for p in prompts[lo : lo + batch_size]], pad_id(lm), lm.device)
         pre = prefill(lm, batch, [full] * len(batch.lengths), capture="all")
         for hidden in pre.step_hidden:
-            influence, _, distances = layer_redundancy(hidden)
-            influence = torch.nan_to_num(influence.double(), nan=0.0)
-            cands = candidate_programs(influence, distances, max_candidates=max_candidates)
+            influence, cands = _influence_candidates(hidden, max_candidates)
             plans.append(([p for p, _ in cands], torch.argsort(influence, stable=True).tolist()))
     return plans
 
@@ -180,10 +185,8 @@ def suggest_many(lm: LoadedModel, prompts: Sequence[str | Sequence[int]], *, k: 
                           stopping=Stopping(strings=()))
         found = []
         for (ids, few_shot), trace in zip(encoded, traces):
-            influence, _, distances = layer_redundancy(trace.step_hidden)  # per layer, this input
-            influence = torch.nan_to_num(influence.double(), nan=0.0)
-            found.append((influence, candidate_programs(influence, distances, max_candidates=max_candidates),
-                          _answer_target(lm, ids, trace, few_shot, answer_tokens)))
+            influence, cands = _influence_candidates(trace.step_hidden, max_candidates)
+            found.append((influence, cands, _answer_target(lm, ids, trace, few_shot, answer_tokens)))
         jobs = [(target, [p for p, _ in cands]) for _, cands, target in found if target is not None and cands]
         scores = iter(teacher_forced_scores(lm, jobs))
         seconds = (time.perf_counter() - started) / len(found)  # the batch's time, shared out
