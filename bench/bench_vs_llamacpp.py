@@ -12,12 +12,14 @@ interleaved rounds, medians over the rounds:
   prompt), and tg64 after 70 tokens of context (-d 70, as ours decodes after
   its prompt); and tg64 on a copy of the file cut to layers 0-14 (the same
   codes, ``block_count`` 15): the half program in llama.cpp's own engine, the
-  yardstick for the half program's ratio;
+  yardstick for the half program's ratio; and on the file cut to block 0;
 - this project on the embedded model: the identity program and the half
   program (`0-14`), 64 new tokens after a 70-token chat prompt, decode
   ms/token (the 63 passes after the prompt pass) and the prompt pass; the
   identity program on the reference path (transformers' layers, lean step
-  off); on a CPU with AVX-512, the identity program with the C code kept to
+  off); the one-layer program `0`, which with the others splits a token's
+  time into a cost per block and a cost outside the blocks (the head, the
+  embedding, the loop), for both engines; on a CPU with AVX-512, the identity program with the C code kept to
   AVX2, as llama.cpp's build is; the model's own `generate` (64 tokens) as
   the yardstick.
 
@@ -191,12 +193,13 @@ def model_generate(lm, batch) -> float:
     return time.perf_counter() - started
 
 
-def measure(binary: Path, gguf: Path, lm, batch, threads: int, repeats: int, half_gguf: Path) -> dict:
+def measure(binary: Path, gguf: Path, lm, batch, threads: int, repeats: int, cut: dict[str, Path]) -> dict:
     """Interleaved rounds at one thread count: llama-bench, then each of our variants, then `generate`."""
     torch.set_num_threads(threads)
     reference = dataclasses.replace(lm, lean=None)  # the same model, every pass through transformers' layers
     full, half = Program.full(lm.num_layers), Program.parse("0-14", lm.num_layers)
-    variants = {"identity": (lm, full), "half": (lm, half), "identity, reference path": (reference, full)}
+    variants = {"identity": (lm, full), "half": (lm, half), "one layer": (lm, Program.parse("0", lm.num_layers)),
+                "identity, reference path": (reference, full)}
     if lm.lean is not None and "AVX-512" in lm.lean.note:  # llama.cpp is built for AVX2 only: ours too, beside
         avx2 = dataclasses.replace(lm, lean=lean_decoding(lm.model, lm.adapter, cache_root() / "kernels", avx512=False))
         variants["identity, lean step, AVX2 only"] = (avx2, full)
@@ -208,13 +211,16 @@ def measure(binary: Path, gguf: Path, lm, batch, threads: int, repeats: int, hal
     for _ in range(repeats):
         for name, value in llama_bench(binary, gguf, threads).items():
             out["llama"].setdefault(name, []).append(value)
-        half_tg = llama_bench(binary, half_gguf, threads, depths="0")["tg64"]
-        out["llama"].setdefault("tg64, layers 0-14", []).append(half_tg)
+        for name, path in cut.items():
+            out["llama"].setdefault(f"tg64, {name}", []).append(llama_bench(binary, path, threads, depths="0")["tg64"])
         for name, (model, program) in variants.items():
             per_token, prefill_s, out["tokens"][name] = ours(model, batch, program)
             out["decode"][name].append(per_token)
             out["prefill"][name].append(prefill_s)
         out["generate"].append(model_generate(lm, batch))
+    lean_head = lm.lean is not None and lm.lean.has_head()
+    out["head"] = head_seconds(lm, threads, torch.ones(BANDWIDTH_MB * 2**20 // 4)) if lean_head else (math.nan,) * 2
+    out["vocab"] = lm.model.config.vocab_size
     return out
 
 
@@ -225,6 +231,8 @@ def report_rows(m: dict, threads: int, prompt_tokens: int, bytes_ratio: float) -
     tg, tg_deep, pp = med["tg64"], med.get("tg64@d70", float("nan")), med["pp70"]
     half_tg = med["tg64, layers 0-14"]
     identity_ts = 1e3 / ms["identity"]
+    splits = {"this project": time_split(ms["identity"], ms["half"]),
+              "llama.cpp": time_split(1e3 / tg, 1e3 / half_tg)}
     same = m["tokens"]["identity"] == m["tokens"]["identity, reference path"]
     return [
         f"### {threads} thread{'s' if threads > 1 else ''}",
@@ -239,11 +247,30 @@ def report_rows(m: dict, threads: int, prompt_tokens: int, bytes_ratio: float) -
         f"**{ms['half'] / ms['identity']:.2f} x identity's time** (target <= 0.55; weight bytes {bytes_ratio:.2f} x) |",
         f"| llama.cpp tg64 on the file cut to layers 0-14 (the half program in llama.cpp) | {1e3 / half_tg:.1f} | "
         f"{half_tg:.1f} | {tg / half_tg:.2f} x llama.cpp's full time |",
+        f"| one-layer program `0`, lean step | {ms['one layer']:.2f} | {1e3 / ms['one layer']:.1f} | "
+        f"{ms['one layer'] / ms['identity']:.2f} x identity's time |",
+        f"| llama.cpp tg64 on the file cut to layer 0 | {1e3 / med['tg64, layer 0']:.2f} | "
+        f"{med['tg64, layer 0']:.1f} | {tg / med['tg64, layer 0']:.2f} x llama.cpp's full time |",
         f"| identity program, reference path (transformers' layers) | {ms['identity, reference path']:.1f} | "
         f"{1e3 / ms['identity, reference path']:.1f} | {ms['identity, reference path'] / ms['identity']:.2f} x lean |",
         *([f"| identity program, lean step with AVX2 only (as llama.cpp's build) | {ms[avx2]:.1f} | "
            f"{1e3 / ms[avx2]:.1f} | {1e3 / ms[avx2] / tg:.2f} x llama.cpp's tokens/s |"]
           if (avx2 := "identity, lean step, AVX2 only") in ms else []),
+        "",
+        "Where a token's time goes (from the identity and half rows: time = blocks x per block + outside them). "
+        "The half program's ratio is (15 x block + outside) / (30 x block + outside), <= 0.55 only when the "
+        "time outside the blocks is <= 3.33 blocks:",
+        "",
+        "| engine | per block, ms | outside the blocks, ms | at most, for <= 0.55 | one block + outside, "
+        "predicted / measured (one-layer program), ms |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {name} | {block:.3f} | {outside:.2f} | {block / 0.3:.2f} | {block + outside:.2f} / {one:.2f} |"
+          for name, (block, outside), one in (("this project", splits["this project"], ms["one layer"]),
+                                              ("llama.cpp", splits["llama.cpp"], 1e3 / med["tg64, layer 0"]))),
+        "",
+        f"The LM head alone (final norm + logits over the {m['vocab']:,}-token vocabulary on the codes, this "
+        f"project's C code): {1e3 * m['head'][0]:.2f} ms read from memory (a 256 MB read between calls), "
+        f"{1e3 * m['head'][1]:.2f} ms called twice in a row (partly from the L3).",
         "",
         "| prompt pass | seconds | tokens / s |",
         "|---|---:|---:|",
@@ -263,6 +290,30 @@ def report_rows(m: dict, threads: int, prompt_tokens: int, bytes_ratio: float) -
         + f"; model generate: {', '.join(f'{v:.3f}' for v in m['generate'])} s",
         "",
     ]
+
+
+def time_split(full_ms: float, half_ms: float, layers: int = 30) -> tuple[float, float]:
+    """(ms per block, ms outside the blocks) from a token's time with all blocks and with the first half."""
+    block = (full_ms - half_ms) / (layers - layers // 2)
+    return block, half_ms - (layers // 2) * block
+
+
+def head_seconds(lm, threads: int, evict: torch.Tensor, repeats: int = 20) -> tuple[float, float]:
+    """(median seconds of the LM head on one hidden state read from memory, warm): the final norm and
+    the logits over the whole vocabulary on the codes; `evict` (larger than the L3) is read between
+    the cold calls."""
+    torch.set_num_threads(threads)
+    hidden = torch.randn(1, lm.adapter.hidden_size)
+    cold, warm = [], []
+    for _ in range(repeats):
+        evict.sum()
+        started = time.perf_counter()
+        lm.lean.logits(hidden)
+        cold.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        lm.lean.logits(hidden)
+        warm.append(time.perf_counter() - started)
+    return statistics.median(cold), statistics.median(warm)
 
 
 def main(argv=None) -> int:
@@ -286,12 +337,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(args.threads))
     lm = load_model(DEFAULT_MODEL, device="cpu")
     batch = encode_prompts(lm, [PROMPT])
-    half_gguf = cut_gguf(gguf, args.llama_dir / f"{gguf.stem}.layers-0-14.gguf", 15)
+    cut = {"layers 0-14": cut_gguf(gguf, args.llama_dir / f"{gguf.stem}.layers-0-14.gguf", 15),
+           "layer 0": cut_gguf(gguf, args.llama_dir / f"{gguf.stem}.layer-0.gguf", 1)}
     weights = weight_bytes(gguf)
     bytes_ratio = weights.ratio(15)  # weight bytes read per token, half vs identity
     bandwidth = read_bandwidth()
     start_load = os.getloadavg()
-    sections = [report_rows(measure(binary, gguf, lm, batch, n, args.repeats, half_gguf), n,
+    sections = [report_rows(measure(binary, gguf, lm, batch, n, args.repeats, cut), n,
                             batch.input_ids.shape[1], bytes_ratio) for n in args.threads]
     load = os.getloadavg()
     command = " ".join(sys.argv[1:] if argv is None else argv)
