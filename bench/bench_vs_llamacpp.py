@@ -17,11 +17,12 @@ interleaved rounds, medians over the rounds:
   program (`0-14`), 64 new tokens after a 70-token chat prompt, decode
   ms/token (the 63 passes after the prompt pass) and the prompt pass; the
   identity program on the reference path (transformers' layers, lean step
-  off); the one-layer program `0`, which with the others splits a token's
-  time into a cost per block and a cost outside the blocks (the head, the
-  embedding, the loop), for both engines; on a CPU with AVX-512, the identity program with the C code kept to
-  AVX2, as llama.cpp's build is; the model's own `generate` (64 tokens) as
-  the yardstick.
+  off); the one-layer program `0`; on a CPU with AVX-512, the identity
+  program with the C code kept to AVX2, as llama.cpp's build is; the model's
+  own `generate` (64 tokens) as the yardstick; the LM head alone;
+- where a token's time goes, for both engines: a cost per block and a cost
+  outside the blocks (the head, the embedding, the loop), from the identity
+  and half rows, checked against the one-layer rows.
 
 A benchmark, not a test: without cmake or a C/C++ compiler it says so and
 exits 0.
@@ -299,9 +300,9 @@ def time_split(full_ms: float, half_ms: float, layers: int = 30) -> tuple[float,
 
 
 def head_seconds(lm, threads: int, evict: torch.Tensor, repeats: int = 20) -> tuple[float, float]:
-    """(median seconds of the LM head on one hidden state read from memory, warm): the final norm and
-    the logits over the whole vocabulary on the codes; `evict` (larger than the L3) is read between
-    the cold calls."""
+    """Median seconds of the LM head (final norm + logits over the vocabulary, on the codes) for one
+    hidden state: (with its codes read from memory, called again right after). `evict`, larger than
+    the L3, is read before each cold call."""
     torch.set_num_threads(threads)
     hidden = torch.randn(1, lm.adapter.hidden_size)
     cold, warm = [], []
