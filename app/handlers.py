@@ -39,7 +39,7 @@ from polar_core.study.evaluate import evaluate_family as library_evaluate_family
 from polar_core.study.find import find_programs
 from polar_core.study.prompts import PromptStyle, has_chat_template, prompt_style, shown_answer
 from polar_core.study.redundancy import gromov_program, shortgpt_program
-from polar_core.study.router import CONFIG_FILE, default_router_path, load_router, predict_programs
+from polar_core.study.router import CONFIG_FILE, default_router_path, load_router, route_batch
 from polar_core.study.suggest import MAX_CANDIDATES, suggest_programs
 from polar_core.study.tasks import FAMILIES
 
@@ -273,6 +273,7 @@ class Prediction:
 
 PREDICT_COLUMNS = ["rank", "program", "layers", "score", "source"]
 ROUTER_SOURCE = "router"
+GATED_SOURCE = "full program: the prompt is unlike the router's training prompts"
 SUGGESTED_SOURCE = "suggested, verified to keep the full answer"
 PAGE_SUGGESTIONS = 3  # suggestions shown on the page
 PAGE_CANDIDATES = MAX_CANDIDATES  # verified in one teacher-forced pass: as many as the evaluation verifies
@@ -315,9 +316,11 @@ def predict(lm: LoadedModel, prompt, k: int = 5, suggestions: int = PAGE_SUGGEST
     the suggestions alone."""
     prompt = check_prompt(prompt)
     router, why = load_router_for(lm)
-    ranked = predict_programs(lm, router, prompt, k=k) if router is not None else []
+    routed = route_batch(lm, router, [prompt], k=k)[0] if router is not None else None
+    ranked = routed.gated if routed is not None else []
     found = suggest_programs(lm, prompt, k=suggestions, max_candidates=PAGE_CANDIDATES) if suggestions else None
-    entries = [(p, float(s), ROUTER_SOURCE) for p, s in ranked]
+    gated = routed is not None and not routed.familiar
+    entries = [(p, float(s), GATED_SOURCE if gated and i == 0 else ROUTER_SOURCE) for i, (p, s) in enumerate(ranked)]
     entries += [(s.program, s.margin, SUGGESTED_SOURCE) for s in (found.suggestions if found else [])]
     rows = [[i + 1, p.format(), p.layer_calls, round(score, 4), source] for i, (p, score, source) in enumerate(entries)]
     kept = (f" Suggested programs (score: their teacher-forced margin) keep the full program's first "
@@ -328,6 +331,11 @@ def predict(lm: LoadedModel, prompt, k: int = 5, suggestions: int = PAGE_SUGGEST
     else:
         message = (f"Router top-{len(ranked)}: click a row to load it. Top-1 is what a deployment would run. "
                    "**Score**: the router's log-probability of the program (≤ 0; higher = more confident)." + kept)
+        if gated:
+            message = (f"This prompt is unlike the prompts the router was trained on (similarity "
+                       f"{routed.familiarity:.3f} to the nearest, below its threshold {routed.threshold:.3f}), so "
+                       "top-1 is the full program: the router promises no skip here. Its own picks follow. "
+                       + message)
     return Prediction([p for p, _, _ in entries], rows, message, [src for _, _, src in entries])
 
 

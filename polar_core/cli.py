@@ -27,6 +27,7 @@ from polar_core.study.find import DECODE_MARGIN, RECHECK_TOTAL, search_task_item
 from polar_core.study.prompts import PromptStyle, prompt_style, shown_answer
 from polar_core.study.redundancy import measure_redundancy, save_redundancy
 from polar_core.study.router import RouterConfig, default_router_path, load_router, save_router, train_router
+from polar_core.study.router.familiarity import DEFAULT_QUANTILE
 from polar_core.study.scoring import CASCADE_MARGIN, CascadeStats, bfloat16_twin, native_bfloat16
 from polar_core.study.supervision import SupervisionSample, load_supervision, merge_samples, save_supervision
 from polar_core.study.tables import report_markdown
@@ -149,16 +150,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         samples = [s for s in samples if family.get(s.question) != args.exclude_family]
     config = dataclasses.replace(RouterConfig.for_model(lm), feature_layer=args.feature_layer, pooled=args.pooled,
                                  full_path_weight=args.full_path_weight)
-    router = train_router(lm, samples, config, epochs=args.epochs, seed=args.seed, lr=args.lr)
+    quantile = None if args.no_familiarity_gate else args.familiar_quantile
+    router = train_router(lm, samples, config, epochs=args.epochs, seed=args.seed, lr=args.lr,
+                          familiar_quantile=quantile)
     out = save_router(router, args.out)
     losses = router.loss_history
     # Provenance beside the checkpoint; load_router reads only config.json and the weights.
     (out / "training.json").write_text(json.dumps({
         "command": f"python -m polar_core {shlex.join(args.argv)}", "supervision": [str(p) for p in args.supervision],
         "samples": len(samples), "excluded_family": args.exclude_family, "epochs": args.epochs, "seed": args.seed,
-        "lr": args.lr, "parameters": router.num_parameters(), "loss_per_epoch": [round(x, 4) for x in losses],
+        "lr": args.lr, "familiar_quantile": quantile, "parameters": router.num_parameters(),
+        "loss_per_epoch": [round(x, 4) for x in losses],
     }, indent=1) + "\n")
     print(f"{len(samples)} samples, {router.num_parameters():,} parameters, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if router.config.familiar_bank:
+        print(f"familiarity gate: {router.config.familiar_bank} training prompts kept; a prompt less similar than "
+              f"{router.config.familiar_threshold:.4f} to all of them gets the full program")
     print(f"saved {out}")
     return 0
 
@@ -178,7 +185,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tables = run_evaluation(lm, router, split=args.split, test_samples=test, train_samples=train,
                                 ood_family=args.ood_family, k=args.k, per_family=args.per_family or None,
                                 epochs=args.epochs or recipe.get("epochs", 40), seed=recipe.get("seed", args.seed),
-                                lr=recipe.get("lr", 1e-3), fallback=args.fallback, suggestions=args.suggestions,
+                                lr=recipe.get("lr", 1e-3), familiar_quantile=recipe.get("familiar_quantile"),
+                                fallback=args.fallback, suggestions=args.suggestions,
                                 leave_one_out=args.leave_one_out,
                                 held_out_families=tasks.HELD_OUT_FAMILIES if args.held_out_families else (),
                                 held_out_per_family=args.held_out_per_family or None, pool=pool)
@@ -369,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the full program's weight as a target where it is valid beside a shorter program "
                             "(higher: a more cautious router)")
     train.add_argument("--exclude-family", default=None, help="leave a task family out of training")
+    train.add_argument("--familiar-quantile", type=float, default=DEFAULT_QUANTILE,
+                       help="the fraction of training prompts the familiarity gate may call unfamiliar: a prompt "
+                            "less similar to every training prompt than that gets the full program")
+    train.add_argument("--no-familiarity-gate", action="store_true", help="keep no training-prompt summaries")
     _add_model_args(train)
     train.set_defaults(func=_cmd_train)
 

@@ -33,7 +33,7 @@ from polar_core.limits import Stopped
 from polar_core.program import Program
 from polar_core.study.checker import check_answer, extract_answer
 from polar_core.study.redundancy import gromov_program, load_redundancy, measure_redundancy, shortgpt_program
-from polar_core.study.router import Router, predict_batch, train_router
+from polar_core.study.router import Routed, Router, route_batch, train_router
 from polar_core.study.suggest import MAX_CANDIDATES, suggest_many
 from polar_core.study.supervision import SupervisionSample
 from polar_core.study.tables import ORACLE_TAG, EvalTable, MethodRow
@@ -120,7 +120,7 @@ def fixed_program_row(runner: Runner, items, program: Program, method: str, grou
 
 
 def router_rows(runner: Runner, items, predictions: Sequence[Sequence[tuple[Program, float]]], name: str,
-                k: int, group: str = "router") -> tuple[MethodRow, MethodRow]:
+                k: int, group: str = "router", gate: str = "") -> tuple[MethodRow, MethodRow]:
     """The router's top-1 row and its best-of-k row, always together.
 
     Best-of-k counts an item right when any of its top-k programs is; its
@@ -139,10 +139,19 @@ def router_rows(runner: Runner, items, predictions: Sequence[Sequence[tuple[Prog
         chosen.append(right[0] if right else preds[0][0])
         any_ok.append(bool(right))
     label = f"{name} top-1"
-    top = _row(label, group, items, top1, top1_ok, depth, note="deployable: the one program the router picks")
+    top = _row(label, group, items, top1, top1_ok, depth,
+               note="deployable: the one program the router picks" + (f" ({gate})" if gate else ""))
     best = _row(f"{name} best-of-{k} {ORACLE_TAG}", group, items, chosen, any_ok, depth, oracle=True,
                 best_of_k_of=label, note=f"needs the answer to pick among {k} programs; running them all costs {k}x")
     return top, best
+
+
+def ungated_row(runner: Runner, items, router: RouterUnderTest) -> MethodRow:
+    """Ablation: the router's own top-1, also where its familiarity gate runs the full program."""
+    programs = [preds[0][0] for preds in router.ungated]
+    ok = runner.correct(items, programs, desc=f"{router.name} without the gate")
+    return _row(f"{router.name} top-1 without the familiarity gate", router.group, items, programs, ok,
+                programs[0].num_layers, note="ablation: the router's own pick on every prompt, familiar or not")
 
 
 SUGGESTIONS_LABEL = "Suggestions top-1 (training-free)"
@@ -289,14 +298,39 @@ class RouterUnderTest:
     group: str = "router"
     fallback: float | None = None  # run the full program when the top-1 log-prob is below this
     fallback_note: str = ""
+    ungated: list[list[tuple[Program, float]]] | None = None  # the router's own ranking, where a gate changed it
+
+    @classmethod
+    def of(cls, name: str, routed: Sequence[Routed], group: str = "router") -> RouterUnderTest:
+        """The deployable (familiarity-gated) predictions, keeping the router's own for the ablation row."""
+        gated = any(not r.familiar for r in routed)
+        return cls(name, [r.gated for r in routed], group, ungated=[r.ranked for r in routed] if gated else None)
+
+    def subset(self, index: Sequence[int], **changes) -> RouterUnderTest:
+        """The same router's predictions on some of the items only."""
+        ungated = None if self.ungated is None else [self.ungated[i] for i in index]
+        return dataclasses.replace(self, predictions=[self.predictions[i] for i in index], ungated=ungated, **changes)
+
+
+def route_items(lm, router, runner: Runner, items, k: int, batch_size: int = 32) -> list[Routed]:
+    """What the router says about each item's prompt (route_batch), in batches."""
+    out = []
+    for i in range(0, len(items), batch_size):
+        out += route_batch(lm, router, [runner.prompt(it) for it in items[i : i + batch_size]], k)
+    return out
 
 
 def predict_items(lm, router, runner: Runner, items, k: int, batch_size: int = 32):
-    """Top-k predictions of a router for each item's prompt."""
-    out = []
-    for i in range(0, len(items), batch_size):
-        out += predict_batch(lm, router, [runner.prompt(it) for it in items[i : i + batch_size]], k)
-    return out
+    """Top-k deployable predictions of a router for each item's prompt (familiarity-gated)."""
+    return [r.gated for r in route_items(lm, router, runner, items, k, batch_size)]
+
+
+def gate_note(routed: Sequence[Routed]) -> str:
+    """How many prompts the familiarity gate sent to the full program ('' without a gate)."""
+    if not routed or routed[0].threshold is None:
+        return ""
+    unfamiliar = sum(not r.familiar for r in routed)
+    return f"familiarity gate (threshold {routed[0].threshold:.4f}): full program on {unfamiliar}/{len(routed)} items"
 
 
 def evaluate_items(
@@ -322,8 +356,12 @@ def evaluate_items(
     rows = [fixed_program_row(runner, items, Program.full(depth), "Full program", "full")]
     deployable = []  # the first router's deployable rows: static baselines match their depths
     for i, r in enumerate(routers):
-        pair = router_rows(runner, items, r.predictions, r.name, k, r.group)
+        gated = 0 if r.ungated is None else sum(a[0][0] != b[0][0] for a, b in zip(r.predictions, r.ungated))
+        pair = router_rows(runner, items, r.predictions, r.name, k, r.group,
+                           gate=f"the full program on {gated} unfamiliar prompts" if gated else "")
         rows += pair
+        if gated:
+            rows.append(ungated_row(runner, items, r))
         if i == 0:
             deployable.append(pair[0])
         if r.fallback is not None:
@@ -373,8 +411,28 @@ def family_table(runner: Runner, items, predictions, title: str,
     return EvalTable(title, tuple(rows))
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How the router under test was trained (its training.json): the held-out
+    routers repeat it on the training file minus a family."""
+
+    epochs: int = 40
+    seed: int = 0
+    lr: float = 1e-3
+    familiar_quantile: float | None = None  # None: no familiarity gate
+
+    def train(self, lm: LoadedModel, samples, config, progress: bool) -> Router:
+        return train_router(lm, samples, config, epochs=self.epochs, seed=self.seed, lr=self.lr, progress=progress,
+                            familiar_quantile=self.familiar_quantile)
+
+    def describe(self) -> str:
+        gate = ("no familiarity gate" if self.familiar_quantile is None
+                else f"familiarity gate at quantile {self.familiar_quantile}")
+        return f"{self.epochs} epochs, lr {self.lr}, seed {self.seed}, {gate}"
+
+
 def leave_one_out_table(setting: "_Setting", router: Router, items, main_predictions, train_samples,
-                        families: Sequence[str], *, epochs: int, seed: int, lr: float, progress: bool) -> EvalTable:
+                        families: Sequence[str], *, recipe: Recipe, progress: bool) -> EvalTable:
     """For each family, a router trained without it, on that family's items,
     beside the full program and the main router (which saw it); then all
     families together (each item predicted by the router that never saw its family)."""
@@ -384,15 +442,22 @@ def leave_one_out_table(setting: "_Setting", router: Router, items, main_predict
     suite_family = _family_of(train_samples, load_suite())
     for family in families:
         kept = [s for s, fam in zip(train_samples, suite_family) if fam != family]
-        held_out = train_router(setting.lm, kept, router.config, epochs=epochs, seed=seed, lr=lr, progress=progress)
+        held_out = recipe.train(setting.lm, kept, router.config, progress)
         idx = [i for i, it in enumerate(items) if it.family == family]
         fam_items = [items[i] for i in idx]
-        lofo = [p[0][0] for p in predict_items(setting.lm, held_out, runner, fam_items, 1)]
+        routed = route_items(setting.lm, held_out, runner, fam_items, 1)
+        lofo = [r.gated[0][0] for r in routed]
         main = [main_predictions[i][0][0] for i in idx]
         full = [Program.full(depth)] * len(idx)
+        gate = gate_note(routed)
         rows.append(_row(f"{family}: full", family, fam_items, full, runner.correct(fam_items, full), depth))
         rows.append(_row(f"{family}: router trained without {family}, top-1", family, fam_items, lofo,
-                         runner.correct(fam_items, lofo), depth, note=f"{len(kept)} training samples"))
+                         runner.correct(fam_items, lofo), depth,
+                         note=f"{len(kept)} training samples" + (f"; {gate}" if gate else "")))
+        if any(not r.familiar for r in routed):
+            own = [r.ranked[0][0] for r in routed]
+            rows.append(_row(f"{family}: router trained without {family}, top-1 without the familiarity gate",
+                             family, fam_items, own, runner.correct(fam_items, own), depth, note="ablation"))
         rows.append(_row(f"{family}: main router top-1 (saw {family})", family, fam_items, main,
                          runner.correct(fam_items, main), depth))
         lofo_all += lofo
@@ -404,7 +469,7 @@ def leave_one_out_table(setting: "_Setting", router: Router, items, main_predict
                      runner.correct(order, lofo_all), depth))
     rows.append(_row("All families: main router top-1", "all", order, main_all, runner.correct(order, main_all), depth))
     return EvalTable(f"Leave one family out ({setting.split} split)", tuple(rows), (
-        f"Each 'trained without' router repeats the main router's recipe ({epochs} epochs, lr {lr}, seed {seed}) "
+        f"Each 'trained without' router repeats the main router's recipe ({recipe.describe()}) "
         "on the training file minus one family's samples; it is evaluated on that family only.",))
 
 
@@ -428,15 +493,16 @@ class _Setting:
     calibration_prompts: list[str]
     val_items: list[TaskItem]  # where fallback thresholds are tuned ([] = no fallback row)
 
-    def under_test(self, name: str, router: Router, predictions, group: str = "router",
+    def under_test(self, name: str, router: Router, routed: Sequence[Routed], group: str = "router",
                    exclude: str | None = None) -> RouterUnderTest:
         """A router's predictions, with a fallback threshold tuned on val items (never on the evaluated split)."""
+        under = RouterUnderTest.of(name, routed, group)
         if not self.val_items or self.split == "val":
-            return RouterUnderTest(name, predictions, group)
+            return under
         tune_items = [it for it in self.val_items if it.family != exclude]
         tune_preds = predict_items(self.lm, router, self.runner, tune_items, 1)
         threshold, note = tune_fallback(self.runner, tune_items, tune_preds)
-        return RouterUnderTest(name, predictions, group, threshold, note)
+        return dataclasses.replace(under, fallback=threshold, fallback_note=note)
 
 
 def run_evaluation(
@@ -452,6 +518,7 @@ def run_evaluation(
     epochs: int = 40,
     seed: int = 0,
     lr: float = 1e-3,
+    familiar_quantile: float | None = None,
     calibration: int = 32,
     max_new_tokens: int = 8,
     fallback: bool = False,
@@ -468,6 +535,8 @@ def run_evaluation(
 
     Args:
         per_family: evaluate at most this many items per family (None = all).
+        epochs, seed, lr, familiar_quantile: the router's training recipe
+            (its training.json), repeated by the held-out-family routers.
         calibration: train-split prompts on which static baselines measure
             redundancy, when none is shipped.
         fallback: add a deployable "top-1, full-program fallback" row whose
@@ -481,14 +550,15 @@ def run_evaluation(
             the tables are the same.
     """
     items = [it for fam in FAMILIES for it in sample_items(fam, per_family, split)]
+    recipe = Recipe(epochs, seed, lr, familiar_quantile)
     runner = Runner(lm, max_new_tokens=max_new_tokens, progress=progress, pool=pool)
     per_calibration_family = max(1, calibration // len(FAMILIES))
     setting = _Setting(
         lm, runner, split, k,
         calibration_prompts=[build_prompt(it) for fam in FAMILIES for it in sample_items(fam, per_calibration_family, "train")],
         val_items=[it for fam in FAMILIES for it in sample_items(fam, per_family, "val")] if fallback else [])
-    preds = predict_items(lm, router, runner, items, k)
-    main = setting.under_test("Router", router, preds)
+    main = setting.under_test("Router", router, route_items(lm, router, runner, items, k))
+    preds = main.predictions
     suggested = suggested_programs(lm, runner, items, progress) if suggestions else None
     dependence = input_dependence(items, [p[0][0] for p in preds])
     note = (f"{len(items)} {split}-split items of {len(FAMILIES)} families; greedy, {max_new_tokens} new tokens max. "
@@ -498,10 +568,10 @@ def run_evaluation(
     tables[0] = dataclasses.replace(tables[0], facts={"router_top1_input_dependence": dependence})
     if ood_family and train_samples is not None:
         tables.append(_held_out_table(setting, router, items, main, train_samples, test_samples, ood_family,
-                                      epochs=epochs, seed=seed, lr=lr, progress=progress))
+                                      recipe=recipe, progress=progress))
     if leave_one_out and train_samples is not None:
-        tables.append(leave_one_out_table(setting, router, items, preds, train_samples, FAMILIES, epochs=epochs,
-                                          seed=seed, lr=lr, progress=progress))
+        tables.append(leave_one_out_table(setting, router, items, preds, train_samples, FAMILIES, recipe=recipe,
+                                          progress=progress))
     if held_out_families:
         tables += _new_families_tables(setting, router, held_out_families, held_out_per_family, suggestions)
     return tables
@@ -514,11 +584,12 @@ def _new_families_tables(setting: "_Setting", router: Router, families: Sequence
         if family in FAMILIES:
             raise ValueError(f"{family!r} is a searched family, not a held-out one")
     items = [it for fam in families for it in sample_items(fam, per_family)]
-    preds = predict_items(setting.lm, router, setting.runner, items, setting.k)
+    router_under_test = RouterUnderTest.of("Router", route_items(setting.lm, router, setting.runner, items, setting.k))
+    preds = router_under_test.predictions
     suggested = suggested_programs(setting.lm, setting.runner, items) if suggestions else None
     dependence = input_dependence(items, [p[0][0] for p in preds])
     main = evaluate_items(
-        setting.runner, items, [RouterUnderTest("Router", preds)], k=setting.k,
+        setting.runner, items, [router_under_test], k=setting.k,
         title=f"New question families no router saw ({', '.join(families)})",
         calibration_prompts=setting.calibration_prompts, suggested=suggested,
         notes=[f"{len(items)} items ({per_family or 'all'} per family, every split: no router or search saw "
@@ -545,7 +616,7 @@ def _split_tables(setting: _Setting, items, main: RouterUnderTest, test_samples,
     if covered and not complete:
         # The search file covers only some items: compare every method on exactly those.
         sub = [items[i] for i in covered]
-        sub_router = dataclasses.replace(main, predictions=[main.predictions[i] for i in covered])
+        sub_router = main.subset(covered)
         tables.insert(1, evaluate_items(
             runner, sub, [sub_router], k=k, title=f"Items with search results ({len(sub)} of {len(items)})",
             search_samples=test_samples, calibration_prompts=calib,
@@ -556,19 +627,18 @@ def _split_tables(setting: _Setting, items, main: RouterUnderTest, test_samples,
 
 
 def _held_out_table(setting: _Setting, router: Router, items, main: RouterUnderTest, train_samples, test_samples,
-                    family: str, *, epochs: int, seed: int, lr: float, progress: bool) -> EvalTable:
+                    family: str, *, recipe: Recipe, progress: bool) -> EvalTable:
     """A second router trained without `family`, against the main router, on that family's items."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     kept = [s for s, fam in zip(train_samples, _family_of(train_samples, load_suite())) if fam != family]
-    held_out = train_router(setting.lm, kept, router.config, epochs=epochs, seed=seed, lr=lr, progress=progress)
+    held_out = recipe.train(setting.lm, kept, router.config, progress)
     fam_idx = [i for i, it in enumerate(items) if it.family == family]
     fam_items = [items[i] for i in fam_idx]
     routers = [
         setting.under_test(f"Router w/o {family}", held_out,
-                           predict_items(setting.lm, held_out, setting.runner, fam_items, setting.k), exclude=family),
-        dataclasses.replace(main, name=f"Main router (saw {family})", group="router-main",
-                            predictions=[main.predictions[i] for i in fam_idx]),
+                           route_items(setting.lm, held_out, setting.runner, fam_items, setting.k), exclude=family),
+        main.subset(fam_idx, name=f"Main router (saw {family})", group="router-main"),
     ]
     searched = set() if test_samples is None else {s.question for s in test_samples}
     return evaluate_items(
@@ -577,7 +647,7 @@ def _held_out_table(setting: _Setting, router: Router, items, main: RouterUnderT
         calibration_prompts=setting.calibration_prompts,
         notes=[f"'Router w/o {family}' was trained on the same train file minus its "
                f"{len(train_samples) - len(kept)} {family} samples ({len(kept)} left), same config, "
-               f"{epochs} epochs, lr {lr}, seed {seed}: {family} is out of distribution for it. "
+               f"{recipe.describe()}: {family} is out of distribution for it. "
                f"'Main router' saw {family} in training (in distribution), for comparison."])
 
 

@@ -392,6 +392,29 @@ def test_predict_shows_router_rows_then_verified_suggestions(monkeypatch, tmp_pa
     assert [row[4] for row in pred.rows] == pred.sources and len(pred.rows[0]) == len(H.PREDICT_COLUMNS)
 
 
+def test_predict_says_when_the_prompt_is_unfamiliar_and_runs_the_full_program(monkeypatch, tmp_path):
+    """A prompt unlike every training prompt: top-1 is the full program, marked
+    as the gate's choice, with the similarity and threshold in the message."""
+    from tiny import tiny_lm_with_chars
+
+    from polar_core.study.router import RouterConfig, save_router, train_router
+    from polar_core.study.supervision import SupervisionSample
+
+    lm = tiny_lm_with_chars()
+    skip = H.Program.drop_layers(lm.num_layers, [1])
+    samples = [SupervisionSample(q, "x", (skip,)) for i in range(6) for q in (f"alpha alpha {i}", f"zzz beta {i} zzz")]
+    config = RouterConfig.for_model(lm, d_model=32, num_heads=2, max_tokens=64)
+    router = train_router(lm, samples, config, epochs=2, progress=False, familiar_quantile=0.0)
+    save_router(router, tmp_path / "router")
+    monkeypatch.setenv(H.ROUTER_ENV, str(tmp_path / "router"))
+    known = H.predict(lm, "alpha alpha 3", k=2, suggestions=0)
+    assert known.sources == [H.ROUTER_SOURCE] * 2 and "unlike" not in known.message
+    strange = H.predict(lm, "QQQQ ???? !!!!", k=2, suggestions=0)
+    assert strange.sources == [H.GATED_SOURCE, H.ROUTER_SOURCE] and strange.programs[0].is_full
+    assert "unlike the prompts the router was trained on" in strange.message
+    assert f"{router.config.familiar_threshold:.3f}" in strange.message
+
+
 def test_evaluate_checks_its_inputs():
     with pytest.raises(InputError, match="Unknown task family"):
         H.evaluate_family(build_tiny("llama"), "poetry", 5, 1)

@@ -20,6 +20,10 @@ segments of at most ``max_segment`` layers, each skipped, kept or repeated
 (run twice). Decoding is a beam search over segmentations and ops and always
 yields valid Programs (``Program.from_ops``), ranked by their log-probability.
 
+A prompt unlike every training prompt (the router keeps a summary of each)
+gets the full program as its top-1 (``familiarity``): the router promises
+no skip where it learned nothing.
+
 Checkpoints are a folder with ``config.json`` (RouterConfig) and
 ``model.safetensors``; never pickle.
 """
@@ -32,8 +36,9 @@ from polar_core.study.router.checkpoint import (
     save_router,
 )
 from polar_core.study.router.config import RouterConfig, RouterError
+from polar_core.study.router.familiarity import fit_familiarity
 from polar_core.study.router.network import Router
-from polar_core.study.router.predict import beam_search, predict_batch, predict_programs
+from polar_core.study.router.predict import Routed, beam_search, predict_batch, predict_programs, route_batch
 from polar_core.study.router.train import train_router
 
 __all__ = [
@@ -41,13 +46,16 @@ __all__ = [
     "Router",
     "RouterConfig",
     "RouterError",
+    "Routed",
     "beam_search",
     "check_compatible",
     "default_router_path",
+    "fit_familiarity",
     "load_default_router",
     "load_router",
     "predict_batch",
     "predict_programs",
+    "route_batch",
     "save_router",
     "train_router",
 ]

@@ -1,6 +1,7 @@
 """The router's configuration: everything needed to rebuild one, saved as config.json."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from polar_core.engine.models import LoadedModel
@@ -18,7 +19,7 @@ class RouterError(ValueError):
 # with a message, not reach torch and fail to allocate. Generous: the
 # paper's router is d_model 256, 4 heads, 2 blocks.
 MAX_SIZES = {"num_layers": 1024, "feature_size": 65536, "d_model": 8192, "num_heads": 128, "num_blocks": 64,
-             "mlp_ratio": 16, "max_tokens": 65536, "max_segment": 64, "beam_width": 64}
+             "mlp_ratio": 16, "max_tokens": 65536, "max_segment": 64, "beam_width": 64, "familiar_bank": 1_000_000}
 MAX_PARAMETERS = 500_000_000  # a router is a few million; this refuses one that cannot fit in memory
 
 
@@ -40,6 +41,12 @@ class RouterConfig:
             few-shot prompts do not).
         pooled: also give every layer query the prompt's mean feature (one
             vector summing up the input), besides cross-attention to its tokens.
+        familiar_bank: how many training prompts the router keeps a summary of
+            to tell familiar prompts from unfamiliar ones (0 = no gate; see
+            ``polar_core.study.router.familiarity``).
+        familiar_threshold: a prompt whose summary is less similar than this
+            (cosine) to every kept training prompt is unfamiliar: the router
+            predicts the full program for it (None = no gate).
     """
 
     model_name: str
@@ -57,13 +64,15 @@ class RouterConfig:
     full_path_weight: float = 0.3
     chat: bool = False
     pooled: bool = False
+    familiar_bank: int = 0
+    familiar_threshold: float | None = None
 
     def __post_init__(self) -> None:
         ints = ("num_layers", "feature_size", "d_model", "num_heads", "num_blocks", "mlp_ratio", "max_tokens",
-                "max_segment", "beam_width")
+                "max_segment", "beam_width", "familiar_bank")
         for name in ints:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "familiar_bank" else 1):
                 raise RouterError(f"router config: {name} must be a positive integer, got {str(value)[:40]!r}")
             if value > MAX_SIZES[name]:
                 raise RouterError(f"router config: {name} is {value}; at most {MAX_SIZES[name]} is accepted")
@@ -77,8 +86,15 @@ class RouterConfig:
             raise RouterError(f"router config: d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.full_path_weight <= 1.0:
             raise RouterError("router config: dropout must be in [0, 1) and full_path_weight in [0, 1]")
-        if self.num_parameters() > MAX_PARAMETERS:
-            raise RouterError(f"router config describes {self.num_parameters():,} parameters; at most "
+        threshold = self.familiar_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold) or not -1.0 <= threshold <= 1.0):
+            raise RouterError(f"router config: familiar_threshold must be null or a cosine in [-1, 1], got "
+                              f"{str(threshold)[:40]!r}")
+        if (threshold is None) != (self.familiar_bank == 0):
+            raise RouterError("router config: familiar_bank and familiar_threshold go together (both set or neither)")
+        if self.num_values() > MAX_PARAMETERS:
+            raise RouterError(f"router config describes {self.num_values():,} values; at most "
                               f"{MAX_PARAMETERS:,} are accepted")
 
     def num_parameters(self) -> int:
@@ -88,6 +104,10 @@ class RouterConfig:
         block = attention + 2 * d * mlp + mlp + d + 4 * d  # + MLP and two layer norms
         return (2 * f + f * d + d + self.max_tokens * d + self.num_layers * d + 2 * d + attention
                 + self.num_blocks * block + 2 * d + (d + 1) + (3 * d + 3))
+
+    def num_values(self) -> int:
+        """Everything its weights file holds: the parameters plus the familiarity bank (kept, not trained)."""
+        return self.num_parameters() + (self.familiar_bank + 1) * self.d_model if self.familiar_bank else self.num_parameters()
 
     @classmethod
     def for_model(cls, lm: LoadedModel, **overrides) -> RouterConfig:

@@ -43,6 +43,13 @@ class Router(nn.Module):
         self.boundary_head = nn.Linear(d, 1)
         self.op_head = nn.Linear(d, len(OPS))
         self.loss_history: list[float] = []  # mean training loss per epoch (not saved)
+        if c.familiar_bank:  # kept, not trained: what the training prompts looked like (familiarity.py)
+            self.register_buffer("familiar_center", torch.zeros(d))
+            self.register_buffer("familiar_bank", torch.zeros(c.familiar_bank, d, dtype=torch.float16))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, T, F) -> the router's own token vectors (B, T, d), before positions."""
+        return self.proj(self.in_norm(features))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for features (B, T, F) with mask (B, T) (True = real token, left padding).
@@ -54,7 +61,7 @@ class Router(nn.Module):
         if length > self.config.max_tokens:
             features, mask = features[:, -self.config.max_tokens :], mask[:, -self.config.max_tokens :]
             length = self.config.max_tokens
-        tokens = self.proj(self.in_norm(features))  # (B, T, d)
+        tokens = self.project(features)  # (B, T, d)
         tokens = tokens + self.token_pos[:length].flip(0)  # the last token gets position 0
         q = self.queries.expand(batch, -1, -1)  # (B, D, d)
         if self.pool is not None:

@@ -7,6 +7,7 @@ segment starts, after the paper.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from polar_core.engine.models import LoadedModel
 from polar_core.program import OPS, Program, Segment
 from polar_core.study.router.checkpoint import check_compatible
 from polar_core.study.router.config import REPEATS, RouterConfig, RouterError
+from polar_core.study.router.familiarity import DEFAULT_QUANTILE, fit_familiarity, summaries
 from polar_core.study.router.features import encode, router_features
 from polar_core.study.router.network import Router
 from polar_core.study.supervision import SupervisionSample
@@ -170,6 +172,7 @@ def train_router(
     batch_size: int = 32,
     prompts: Sequence[str | Sequence[int]] | None = None,
     max_steps: int | None = None,
+    familiar_quantile: float | None = DEFAULT_QUANTILE,
 ) -> Router:
     """Train a router on supervision samples (on the CPU; the base model stays frozen).
 
@@ -178,11 +181,16 @@ def train_router(
         config: default ``RouterConfig.for_model(lm)``.
         prompts: the model's input per sample; default ``prompts_for(samples)``.
         max_steps: stop after this many optimizer steps (tests).
+        familiar_quantile: after training, keep a summary of every sample's
+            prompt and gate out prompts less similar to all of them than this
+            fraction of the training prompts are to each other
+            (``familiarity.fit_familiarity``); None = no gate.
     Returns:
         The trained router in eval mode; ``router.loss_history`` holds the mean
         loss of each epoch.
     """
-    config = config or RouterConfig.for_model(lm)
+    # A trained router's config (e.g. to repeat its recipe) carries its own gate: a new one is fitted below.
+    config = dataclasses.replace(config or RouterConfig.for_model(lm), familiar_bank=0, familiar_threshold=None)
     check_compatible(config, lm)
     prompts = prompts_for(samples) if prompts is None else prompts
     if len(prompts) != len(samples):
@@ -199,7 +207,21 @@ def train_router(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=0.1)
     _fit(router, examples, opt, sched, epochs=epochs, total=total, batch_size=batch_size, seed=seed,
          progress=progress)
-    return router.eval()
+    router.eval()
+    # Each distinct prompt once: a repeated one would be its own nearest neighbour.
+    distinct = list({p if isinstance(p, str) else tuple(p): p for p in prompts}.values())
+    if familiar_quantile is not None and len(distinct) >= 2:
+        fit_familiarity(router, _prompt_summaries(lm, router, distinct, 16), familiar_quantile)
+    return router
+
+
+def _prompt_summaries(lm: LoadedModel, router: Router, prompts, batch_size: int) -> torch.Tensor:
+    """familiarity.summaries of every prompt (N, d), in batches."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        feats, mask = router_features(lm, router.config, encode(lm, prompts[i : i + batch_size], router.config.chat))
+        out.append(summaries(router, feats, mask))
+    return torch.cat(out)
 
 
 def _step(router: Router, batch: Sequence[_Example], opt, sched) -> float:

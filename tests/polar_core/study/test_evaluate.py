@@ -230,7 +230,7 @@ def test_input_dependence_counts_distinct_programs_per_family():
 
 
 def test_leave_one_family_out_trains_without_each_family(lm):
-    from polar_core.study.evaluate import _Setting, leave_one_out_table
+    from polar_core.study.evaluate import Recipe, _Setting, leave_one_out_table
     from polar_core.study.router import Router
     from polar_core.study.tasks import sample_items
 
@@ -242,8 +242,25 @@ def test_leave_one_family_out_trains_without_each_family(lm):
     config = RouterConfig("tiny-llama", D, 32, d_model=32, num_heads=2, max_tokens=64)
     main = [[(Program.full(D), 0.0)] for _ in items]
     table = leave_one_out_table(_Setting(lm, runner, "test", 1, [], []), Router(config), items, main, train,
-                                families, epochs=1, seed=0, lr=1e-3, progress=False)
+                                families, recipe=Recipe(epochs=1), progress=False)
     methods = [r.method for r in table.rows]
     assert "capitals: router trained without capitals, top-1" in methods
     assert table.row("capitals: router trained without capitals, top-1").note == "3 training samples"
     assert table.row("All families: full").n == len(items)
+
+
+def test_a_gated_router_shows_its_deployable_top1_and_the_ablation_beside_it(lm, items):
+    """Where the familiarity gate ran the full program, top-1 counts that, and
+    the router's own pick is a separate ablation row (never the headline)."""
+    from polar_core.study.router import Routed
+
+    skip = Program.drop_layers(D, [1, 2])
+    routed = [Routed([(skip, -0.1)], -3.0, 0.9 if i < 2 else 0.1, 0.5) for i in range(len(items))]
+    under = RouterUnderTest.of("Gated", routed)
+    assert [p[0][0] for p in under.predictions] == [skip, skip] + [Program.full(D)] * (len(items) - 2)
+    table = evaluate_items(runner_for(lm), items, [under], k=1, title="t", static=False)
+    top, own = table.row("Gated top-1"), table.row("Gated top-1 without the familiarity gate")
+    assert "full program on 4 unfamiliar prompts" in top.note and own.note.startswith("ablation")
+    assert top.layer_calls == (2 * 2 + D * 4) / len(items) and own.layer_calls == 2
+    assert under.subset([0, 5]).ungated == [under.ungated[0], under.ungated[5]]
+    assert RouterUnderTest.of("Plain", routed[:2]).ungated is None  # nothing gated: no ablation row

@@ -292,3 +292,80 @@ def test_a_config_saved_before_pooled_existed_still_loads():
     data = tiny_config().to_dict()
     del data["pooled"]
     assert RouterConfig.from_dict(data).pooled is False
+
+
+# ---------------------------------------------------------------- familiarity gate
+
+
+STRANGE = "QQQQ ???? !!!!"  # characters no synthetic sample has
+
+
+@pytest.fixture(scope="module")
+def gated_router(lm):
+    return train_router(lm, synthetic_samples(), tiny_config(), epochs=40, lr=3e-3, batch_size=8, seed=0,
+                        progress=False, familiar_quantile=0.0)
+
+
+def test_training_keeps_a_familiarity_bank_of_every_distinct_prompt(lm, gated_router):
+    config = gated_router.config
+    assert config.familiar_bank == 24 and gated_router.familiar_bank.shape == (24, config.d_model)
+    assert -1.0 <= config.familiar_threshold <= 1.0
+    assert torch.allclose(gated_router.familiar_bank.float().norm(dim=-1), torch.ones(24), atol=1e-2)
+    twice = train_router(lm, synthetic_samples() * 2, tiny_config(), epochs=1, progress=False)
+    assert twice.config.familiar_bank == 24  # a repeated prompt is kept once
+    plain = train_router(lm, synthetic_samples(), tiny_config(), epochs=1, progress=False, familiar_quantile=None)
+    assert plain.config.familiar_bank == 0 and plain.config.familiar_threshold is None
+    # Training from a gated router's config fits a new gate, not the old one's.
+    again = train_router(lm, synthetic_samples()[:5], config, epochs=1, progress=False)
+    assert again.config.familiar_bank == 5
+
+
+def test_an_unfamiliar_prompt_gets_the_full_program_first(lm, gated_router):
+    from polar_core.study.router import route_batch
+
+    alpha, beta, strange = route_batch(lm, gated_router, ["alpha alpha question 3", "zzz beta 5 zzz", STRANGE], k=3)
+    for known in (alpha, beta):
+        assert known.familiar and known.familiarity >= known.threshold and known.gated == known.ranked
+    assert alpha.ranked[0][0] == Program.drop_layers(D, [2]) and beta.ranked[0][0] == Program.loop(D, 1, 1, 2)
+    assert not strange.familiar and -1.0 <= strange.familiarity < strange.threshold
+    assert not strange.ranked[0][0].is_full  # the router itself would not run the full program
+    gated = strange.gated
+    assert gated[0] == (Program.full(D), strange.full_log_prob) and len(gated) == 3
+    assert [p for p, _ in gated[1:]] == [p for p, _ in strange.ranked if not p.is_full][:2]
+    assert predict_programs(lm, gated_router, STRANGE)[0][0] == Program.full(D)
+    assert predict_programs(lm, gated_router, STRANGE, gate=False)[0][0] == strange.ranked[0][0]
+
+
+def test_the_full_programs_log_prob_is_the_one_an_exact_beam_gives_it():
+    from polar_core.study.router.predict import full_program_log_prob
+
+    torch.manual_seed(5)
+    for _ in range(5):
+        b, o = torch.randn(D), torch.randn(D, 3)
+        scores = dict(beam_search(b, o, k=200, width=200, max_segment=2))
+        full = next(s for segs, s in scores.items() if Program.from_ops(segs, D).is_full)
+        assert full_program_log_prob(b, o, max_segment=2) == pytest.approx(full, abs=1e-5)
+
+
+def test_a_gated_router_round_trips_through_its_checkpoint(lm, gated_router, tmp_path):
+    from polar_core.study.router import route_batch
+
+    prompts = ["alpha alpha question 1", STRANGE]
+    loaded = load_router(save_router(gated_router, tmp_path / "r"), lm)
+    assert loaded.config == gated_router.config
+    assert torch.equal(loaded.familiar_bank, gated_router.familiar_bank)
+    assert route_batch(lm, loaded, prompts) == route_batch(lm, gated_router, prompts)
+
+
+@pytest.mark.parametrize("changes", [
+    {"familiar_bank": 3},  # a bank without a threshold
+    {"familiar_threshold": 0.5},  # a threshold without a bank
+    {"familiar_bank": 3, "familiar_threshold": 1.5},
+    {"familiar_bank": 3, "familiar_threshold": float("nan")},
+    {"familiar_bank": 3, "familiar_threshold": True},
+    {"familiar_bank": -1, "familiar_threshold": 0.5},
+    {"familiar_bank": 10**6, "familiar_threshold": 0.5, "d_model": 8192, "num_heads": 8},  # too much memory
+])
+def test_absurd_familiarity_settings_are_refused(changes):
+    with pytest.raises(RouterError):
+        tiny_config(**changes)
