@@ -9,7 +9,8 @@ The library behind PoLar Explorer; it never imports the UI. Its public API:
     result = polar_core.analyze(lm, trace, base)       # similarity, logit lens, answer change
     found = polar_core.find_programs(lm, prompt, "Paris")   # shorter valid programs, verified
     router = polar_core.load_default_router(lm)
-    ranked = polar_core.predict_programs(lm, router, prompt)
+    ranked = polar_core.predict_programs(lm, router, prompt)   # the full program first for an unfamiliar prompt
+    routed = polar_core.route_batch(lm, router, [prompt])[0]  # .ranked, .familiarity, .threshold, .gated
 
 Packages: polar_core.engine runs programs, polar_core.study studies them
 (docs/ARCHITECTURE.md). Names are imported on first use, so importing
@@ -35,6 +36,7 @@ _API = {
     "load_default_router": "polar_core.study.router",
     "load_router": "polar_core.study.router",
     "predict_programs": "polar_core.study.router",
+    "route_batch": "polar_core.study.router",
     "train_router": "polar_core.study.router",
 }
 
