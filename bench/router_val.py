@@ -3,8 +3,10 @@
 Trains one router per configuration on a supervision file and reports, on
 the val split of the task suite, the top-1 accuracy (with its Wilson 95%
 interval), the layer calls per token and the number of distinct top-1
-programs, beside the full program. One Runner serves every configuration, so
-a program runs once per item.
+programs, beside the full program, and how often the top-1 gives the full
+program's own answer (right or wrong: a finer signal than accuracy, since it
+counts every item). One Runner serves every configuration, so a program runs
+once per item.
 
     python bench/router_val.py --supervision polar_core/assets/supervision/smollm2_train.json \
         --configs 0 15 15p 0w1.0 --out bench/results/router_val.json
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
     items = [it for f in FAMILIES for it in sample_items(f, args.per_family or None, "val")]
     runner = Runner(lm)
     depth = lm.num_layers
-    full_ok = runner.correct(items, [Program.full(depth)] * len(items), desc="val full")
+    full = Program.full(depth)
+    full_ok = runner.correct(items, [full] * len(items), desc="val full")
     results = {"command": "python bench/router_val.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "items": len(items), "full": _figures(full_ok, [Program.full(depth)] * len(items), depth), "configs": {}}
     print(f"val: {len(items)} items; full program {sum(full_ok)} right")
@@ -64,6 +67,8 @@ def main(argv=None) -> int:
         ok = runner.correct(items, top1, desc=f"val top-1 ({text})")
         fig = _figures(ok, top1, depth)
         fig["distinct_top1"] = input_dependence(items, top1)["distinct_top1"]
+        fig["same_answer_as_full"] = sum(runner.results[(it.id, p.path)][0] == runner.results[(it.id, full.path)][0]
+                                         for it, p in zip(items, top1))
         fig["seconds"] = round(time.perf_counter() - started, 1)
         results["configs"][text] = {**parse_config(text), **fig}
         print(f"{text}: {fig}", flush=True)
