@@ -150,7 +150,7 @@ def ungated_row(runner: Runner, items, router: RouterUnderTest) -> MethodRow:
     """Ablation: the router's own top-1, also where its familiarity gate runs the full program."""
     programs = [preds[0][0] for preds in router.ungated]
     ok = runner.correct(items, programs, desc=f"{router.name} without the gate")
-    return _row(f"{router.name} top-1 without the familiarity gate", router.group, items, programs, ok,
+    return _row(f"{router.name} top-1 without the familiarity gate", f"{router.group}-ablation", items, programs, ok,
                 programs[0].num_layers, note="ablation: the router's own pick on every prompt, familiar or not")
 
 
@@ -299,17 +299,31 @@ class RouterUnderTest:
     fallback: float | None = None  # run the full program when the top-1 log-prob is below this
     fallback_note: str = ""
     ungated: list[list[tuple[Program, float]]] | None = None  # the router's own ranking, where a gate changed it
+    unfamiliar: list[bool] | None = None  # per item: the familiarity gate fired (None: the router has no gate)
 
     @classmethod
     def of(cls, name: str, routed: Sequence[Routed], group: str = "router") -> RouterUnderTest:
         """The deployable (familiarity-gated) predictions, keeping the router's own for the ablation row."""
-        gated = any(not r.familiar for r in routed)
-        return cls(name, [r.gated for r in routed], group, ungated=[r.ranked for r in routed] if gated else None)
+        gated = [r.gated for r in routed]
+        changed = any(g[0][0] != r.ranked[0][0] for g, r in zip(gated, routed))
+        unfamiliar = [not r.familiar for r in routed] if routed and routed[0].threshold is not None else None
+        return cls(name, gated, group, ungated=[r.ranked for r in routed] if changed else None, unfamiliar=unfamiliar)
 
     def subset(self, index: Sequence[int], **changes) -> RouterUnderTest:
         """The same router's predictions on some of the items only."""
-        ungated = None if self.ungated is None else [self.ungated[i] for i in index]
-        return dataclasses.replace(self, predictions=[self.predictions[i] for i in index], ungated=ungated, **changes)
+        def pick(values):
+            return None if values is None else [values[i] for i in index]
+
+        return dataclasses.replace(self, predictions=pick(self.predictions), ungated=pick(self.ungated),
+                                   unfamiliar=pick(self.unfamiliar), **changes)
+
+    def gate_note(self) -> str:
+        """What the familiarity gate did on these items ('' without a gate)."""
+        if self.unfamiliar is None:
+            return ""
+        changed = 0 if self.ungated is None else sum(a[0][0] != b[0][0] for a, b in zip(self.predictions, self.ungated))
+        return (f"familiarity gate: {sum(self.unfamiliar)} of {len(self.unfamiliar)} prompts unfamiliar, the full "
+                f"program instead of the router's own pick on {changed}")
 
 
 def route_items(lm, router, runner: Runner, items, k: int, batch_size: int = 32) -> list[Routed]:
@@ -323,14 +337,6 @@ def route_items(lm, router, runner: Runner, items, k: int, batch_size: int = 32)
 def predict_items(lm, router, runner: Runner, items, k: int, batch_size: int = 32):
     """Top-k deployable predictions of a router for each item's prompt (familiarity-gated)."""
     return [r.gated for r in route_items(lm, router, runner, items, k, batch_size)]
-
-
-def gate_note(routed: Sequence[Routed]) -> str:
-    """How many prompts the familiarity gate sent to the full program ('' without a gate)."""
-    if not routed or routed[0].threshold is None:
-        return ""
-    unfamiliar = sum(not r.familiar for r in routed)
-    return f"familiarity gate (threshold {routed[0].threshold:.4f}): full program on {unfamiliar}/{len(routed)} items"
 
 
 def evaluate_items(
@@ -356,11 +362,9 @@ def evaluate_items(
     rows = [fixed_program_row(runner, items, Program.full(depth), "Full program", "full")]
     deployable = []  # the first router's deployable rows: static baselines match their depths
     for i, r in enumerate(routers):
-        gated = 0 if r.ungated is None else sum(a[0][0] != b[0][0] for a, b in zip(r.predictions, r.ungated))
-        pair = router_rows(runner, items, r.predictions, r.name, k, r.group,
-                           gate=f"the full program on {gated} unfamiliar prompts" if gated else "")
+        pair = router_rows(runner, items, r.predictions, r.name, k, r.group, gate=r.gate_note())
         rows += pair
-        if gated:
+        if r.ungated is not None:
             rows.append(ungated_row(runner, items, r))
         if i == 0:
             deployable.append(pair[0])
@@ -445,17 +449,17 @@ def leave_one_out_table(setting: "_Setting", router: Router, items, main_predict
         held_out = recipe.train(setting.lm, kept, router.config, progress)
         idx = [i for i, it in enumerate(items) if it.family == family]
         fam_items = [items[i] for i in idx]
-        routed = route_items(setting.lm, held_out, runner, fam_items, 1)
-        lofo = [r.gated[0][0] for r in routed]
+        under = RouterUnderTest.of(f"without {family}", route_items(setting.lm, held_out, runner, fam_items, 1))
+        lofo = [p[0][0] for p in under.predictions]
         main = [main_predictions[i][0][0] for i in idx]
         full = [Program.full(depth)] * len(idx)
-        gate = gate_note(routed)
+        gate = under.gate_note()
         rows.append(_row(f"{family}: full", family, fam_items, full, runner.correct(fam_items, full), depth))
         rows.append(_row(f"{family}: router trained without {family}, top-1", family, fam_items, lofo,
                          runner.correct(fam_items, lofo), depth,
                          note=f"{len(kept)} training samples" + (f"; {gate}" if gate else "")))
-        if any(not r.familiar for r in routed):
-            own = [r.ranked[0][0] for r in routed]
+        if under.ungated is not None:
+            own = [p[0][0] for p in under.ungated]
             rows.append(_row(f"{family}: router trained without {family}, top-1 without the familiarity gate",
                              family, fam_items, own, runner.correct(fam_items, own), depth, note="ablation"))
         rows.append(_row(f"{family}: main router top-1 (saw {family})", family, fam_items, main,

@@ -260,7 +260,13 @@ def test_a_gated_router_shows_its_deployable_top1_and_the_ablation_beside_it(lm,
     assert [p[0][0] for p in under.predictions] == [skip, skip] + [Program.full(D)] * (len(items) - 2)
     table = evaluate_items(runner_for(lm), items, [under], k=1, title="t", static=False)
     top, own = table.row("Gated top-1"), table.row("Gated top-1 without the familiarity gate")
-    assert "full program on 4 unfamiliar prompts" in top.note and own.note.startswith("ablation")
+    assert "4 of 6 prompts unfamiliar, the full program instead of the router's own pick on 4" in top.note
+    assert own.note.startswith("ablation") and own.group == "router-ablation"
+    assert "**Gated top-1 without" not in table.to_markdown()  # an ablation is never shown as a headline
     assert top.layer_calls == (2 * 2 + D * 4) / len(items) and own.layer_calls == 2
-    assert under.subset([0, 5]).ungated == [under.ungated[0], under.ungated[5]]
+    part = under.subset([0, 5])
+    assert part.ungated == [under.ungated[0], under.ungated[5]] and part.unfamiliar == [False, True]
     assert RouterUnderTest.of("Plain", routed[:2]).ungated is None  # nothing gated: no ablation row
+    # An unfamiliar prompt where the router itself picked the full program is counted, not changed.
+    same = [Routed([(Program.full(D), -0.1)], -0.1, 0.1, 0.5)]
+    assert RouterUnderTest.of("Same", same).gate_note().startswith("familiarity gate: 1 of 1 prompts unfamiliar")
