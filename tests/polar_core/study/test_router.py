@@ -369,3 +369,23 @@ def test_a_gated_router_round_trips_through_its_checkpoint(lm, gated_router, tmp
 def test_absurd_familiarity_settings_are_refused(changes):
     with pytest.raises(RouterError):
         tiny_config(**changes)
+
+
+@pytest.mark.parametrize("damage", ["bank_rows", "no_bank", "nan_bank"])
+def test_a_damaged_familiarity_bank_is_refused(lm, gated_router, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_router(gated_router, tmp_path / "r")
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if damage == "bank_rows":  # config.json says more training prompts than the weights hold
+        data = json.loads(config.read_text())
+        config.write_text(json.dumps({**data, "familiar_bank": data["familiar_bank"] + 1}))
+    else:
+        state = load_file(str(weights))
+        if damage == "no_bank":
+            del state["familiar_bank"]
+        else:
+            state["familiar_bank"][0, 0] = float("nan")
+        save_file(state, str(weights))
+    with pytest.raises(RouterError):
+        load_router(folder, lm)
