@@ -72,8 +72,9 @@ class RouterConfig:
                 "max_segment", "beam_width", "familiar_bank")
         for name in ints:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "familiar_bank" else 1):
-                raise RouterError(f"router config: {name} must be a positive integer, got {str(value)[:40]!r}")
+            least = 0 if name == "familiar_bank" else 1  # 0 rows = no familiarity gate
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise RouterError(f"router config: {name} must be an integer >= {least}, got {str(value)[:40]!r}")
             if value > MAX_SIZES[name]:
                 raise RouterError(f"router config: {name} is {value}; at most {MAX_SIZES[name]} is accepted")
         if not isinstance(self.model_name, str) or not self.model_name or len(self.model_name) > 300:
@@ -107,7 +108,8 @@ class RouterConfig:
 
     def num_values(self) -> int:
         """Everything its weights file holds: the parameters plus the familiarity bank (kept, not trained)."""
-        return self.num_parameters() + (self.familiar_bank + 1) * self.d_model if self.familiar_bank else self.num_parameters()
+        bank = (self.familiar_bank + 1) * self.d_model if self.familiar_bank else 0  # the rows and their centre
+        return self.num_parameters() + bank
 
     @classmethod
     def for_model(cls, lm: LoadedModel, **overrides) -> RouterConfig:

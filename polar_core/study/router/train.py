@@ -189,6 +189,8 @@ def train_router(
         The trained router in eval mode; ``router.loss_history`` holds the mean
         loss of each epoch.
     """
+    if familiar_quantile is not None and not 0.0 <= familiar_quantile < 1.0:  # refused before, not after, training
+        raise RouterError(f"familiar_quantile must be in [0, 1), got {familiar_quantile}")
     # A trained router's config (e.g. to repeat its recipe) carries its own gate: a new one is fitted below.
     config = dataclasses.replace(config or RouterConfig.for_model(lm), familiar_bank=0, familiar_threshold=None)
     check_compatible(config, lm)

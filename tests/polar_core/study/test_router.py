@@ -315,6 +315,8 @@ def test_training_keeps_a_familiarity_bank_of_every_distinct_prompt(lm, gated_ro
     assert twice.config.familiar_bank == 24  # a repeated prompt is kept once
     plain = train_router(lm, synthetic_samples(), tiny_config(), epochs=1, progress=False, familiar_quantile=None)
     assert plain.config.familiar_bank == 0 and plain.config.familiar_threshold is None
+    with pytest.raises(RouterError, match="familiar_quantile"):
+        train_router(lm, synthetic_samples(), tiny_config(), epochs=1, progress=False, familiar_quantile=1.5)
     # Training from a gated router's config fits a new gate, not the old one's.
     again = train_router(lm, synthetic_samples()[:5], config, epochs=1, progress=False)
     assert again.config.familiar_bank == 5
